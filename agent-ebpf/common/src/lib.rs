@@ -1,0 +1,272 @@
+//! Kernel/user ABI shared by the eBPF programs (`agent-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, explicitly padded and size-checked
+//! at compile time, because both sides read the same bytes: a silent layout
+//! change would make the agent misread every event. No `bool`, `Option` or
+//! Rust enums appear in ABI fields; discriminants are plain integers with
+//! named constants.
+#![no_std]
+
+/// Largest capture cap a user may configure, in bytes. A power of two so the
+/// kernel side can bound copy lengths with a mask the verifier understands.
+pub const MAX_CAPTURE: usize = 16384;
+/// Default capture cap: bytes of payload copied per syscall.
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// iovecs walked per `readv`/`writev`/`sendmsg`/`recvmsg`; beyond this the
+/// chunk is marked truncated (the byte count `len` stays exact).
+pub const MAX_IOVECS: u32 = 32;
+/// Length of a task's `comm`.
+pub const COMM_LEN: usize = 16;
+
+// ---- map and program names (the userspace loader uses the same constants) ----
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_ARGS: &str = "ARGS";
+pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_SCRATCH: &str = "SCRATCH";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_FILTER_PIDS: &str = "FILTER_PIDS";
+pub const MAP_FILTER_COMMS: &str = "FILTER_COMMS";
+pub const MAP_FILTER_PORTS: &str = "FILTER_PORTS";
+pub const GLOBAL_CONFIG: &str = "CONFIG";
+
+/// Tracepoint category and name of every program, as `(program, category, tracepoint)`.
+pub const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("enter_read", "syscalls", "sys_enter_read"),
+    ("exit_read", "syscalls", "sys_exit_read"),
+    ("enter_write", "syscalls", "sys_enter_write"),
+    ("exit_write", "syscalls", "sys_exit_write"),
+    ("enter_readv", "syscalls", "sys_enter_readv"),
+    ("exit_readv", "syscalls", "sys_exit_readv"),
+    ("enter_writev", "syscalls", "sys_enter_writev"),
+    ("exit_writev", "syscalls", "sys_exit_writev"),
+    ("enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("enter_sendfile", "syscalls", "sys_enter_sendfile64"),
+    ("exit_sendfile", "syscalls", "sys_exit_sendfile64"),
+    ("enter_close", "syscalls", "sys_enter_close"),
+    ("sock_set_state", "sock", "inet_sock_set_state"),
+];
+
+// ---- event kinds ----
+/// Payload chunk of one send/recv syscall.
+pub const KIND_DATA: u8 = 1;
+/// The traced process closed its fd of a captured connection.
+pub const KIND_CLOSE: u8 = 2;
+
+// ---- directions ----
+pub const DIR_EGRESS: u8 = 0;
+pub const DIR_INGRESS: u8 = 1;
+
+// ---- roles ----
+/// Connection seen first mid-life (established before the agent started, or
+/// its state-change record was evicted): userspace resolves the role.
+pub const ROLE_UNKNOWN: u8 = 0;
+/// Connection made by `connect` (SYN_SENT -> ESTABLISHED).
+pub const ROLE_CLIENT: u8 = 1;
+/// Connection made by `accept` (SYN_RECV -> ESTABLISHED).
+pub const ROLE_SERVER: u8 = 2;
+
+// ---- syscall kinds ----
+pub const SYS_READ: u8 = 1;
+pub const SYS_WRITE: u8 = 2;
+pub const SYS_READV: u8 = 3;
+pub const SYS_WRITEV: u8 = 4;
+pub const SYS_RECVFROM: u8 = 5;
+pub const SYS_SENDTO: u8 = 6;
+pub const SYS_RECVMSG: u8 = 7;
+pub const SYS_SENDMSG: u8 = 8;
+pub const SYS_CLOSE: u8 = 9;
+pub const SYS_SENDFILE: u8 = 10;
+
+// ---- chunk flags ----
+/// Fewer bytes captured than the syscall moved (cap, iovec limit or read fault).
+pub const FLAG_TRUNCATED: u8 = 1;
+/// The connection record was created at first data, not at connection setup.
+pub const FLAG_LATE_CONN: u8 = 2;
+
+// ---- address families (as in the kernel) ----
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+// ---- counters (indexes of the per-CPU `COUNTERS` array) ----
+/// Events written to the ring buffer.
+pub const CNT_EVENTS: u32 = 0;
+/// Events lost because the ring buffer was full.
+pub const CNT_RINGBUF_FULL: u32 = 1;
+/// Chunks whose payload was cut (cap, iovec limit, fault).
+pub const CNT_TRUNCATED: u32 = 2;
+/// Entries not saved because the argument map insert failed.
+pub const CNT_ARGS_FULL: u32 = 3;
+/// Connection records not stored because the insert failed.
+pub const CNT_CONN_FULL: u32 = 4;
+/// Payload reads from user memory that failed.
+pub const CNT_READ_FAULT: u32 = 5;
+pub const NUM_COUNTERS: u32 = 6;
+/// Names of the counters, indexed like `COUNTERS`.
+pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
+    "events",
+    "ringbuf_full",
+    "truncated",
+    "args_full",
+    "conn_full",
+    "read_fault",
+];
+
+// ---- filter flags (bits of `Config::filter`) ----
+pub const FILTER_PID: u32 = 1;
+pub const FILTER_COMM: u32 = 2;
+pub const FILTER_PORT: u32 = 4;
+
+/// Field offsets of kernel structures, read from the running kernel's BTF by
+/// the agent at start-up. Rust eBPF has no CO-RE relocations, so this is how
+/// one object walks `task_struct -> files -> fdtable -> file -> socket -> sock`
+/// on any kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sock_protocol: u32,
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+
+/// Read-only configuration, written into the object's `.rodata` by the loader
+/// before the programs are verified, so the verifier sees constants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// tgid of the agent itself, never traced.
+    pub agent_tgid: u32,
+    /// `FILTER_*` bits: which selection maps are active.
+    pub filter: u32,
+    /// Payload bytes copied per syscall (<= MAX_CAPTURE).
+    pub capture_cap: u32,
+    pub _pad: u32,
+    pub offsets: KernelOffsets,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
+
+/// Connection 4-tuple. Addresses are in network byte order as the kernel
+/// stores them (IPv4 in the first 4 bytes); ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnTuple>() == 40);
+
+/// Per-socket record in `CONNS`, keyed by the kernel `struct sock` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnInfo {
+    pub tuple: ConnTuple,
+    /// Monotonic time the record was made; with the sock address it names one
+    /// connection even when the kernel reuses the sock's memory.
+    pub start_ns: u64,
+    /// Next per-connection sequence number.
+    pub seq: u64,
+    pub role: u8,
+    /// `FLAG_LATE_CONN` when made at first data.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 64);
+
+/// Syscall arguments saved at entry, keyed by `pid_tgid`, consumed at exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyscallArgs {
+    /// User buffer, or the iovec array for vectored calls.
+    pub buf: u64,
+    /// Buffer length, or iovec count for vectored calls.
+    pub count: u64,
+    /// Kernel `struct sock` address behind the fd.
+    pub sock: u64,
+    pub ts_enter_ns: u64,
+    pub fd: i32,
+    pub syscall: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SyscallArgs>() == 40);
+
+/// Fixed header of every ring-buffer record; `KIND_DATA` records are followed
+/// by `captured` payload bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub ts_enter_ns: u64,
+    pub ts_exit_ns: u64,
+    /// Kernel `struct sock` address (connection identity with `conn_start_ns`).
+    pub sock: u64,
+    pub conn_start_ns: u64,
+    /// Per-connection sequence, both directions.
+    pub seq: u64,
+    /// Bytes the syscall moved (its return value).
+    pub len: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub fd: i32,
+    /// Payload bytes following this header.
+    pub captured: u32,
+    pub kind: u8,
+    pub direction: u8,
+    pub role: u8,
+    pub syscall: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    pub comm: [u8; COMM_LEN],
+    pub tuple: ConnTuple,
+}
+pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
+const _: () = assert!(EVENT_HEADER_SIZE == 128);
+
+/// Per-CPU scratch where a record is assembled before `bpf_ringbuf_output`.
+/// The payload area is twice the cap so `offset + len`, each masked to
+/// `MAX_CAPTURE - 1`, always lies inside it: that is what the verifier checks.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub header: EventHeader,
+    pub data: [u8; 2 * MAX_CAPTURE],
+}
+const _: () = assert!(core::mem::size_of::<Scratch>() == EVENT_HEADER_SIZE + 2 * MAX_CAPTURE);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all these are repr(C), Copy, with explicit padding and no
+    // invalid bit patterns.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::EventHeader {}
+}

@@ -1,0 +1,639 @@
+use core::{ffi::c_void, ptr::addr_of};
+
+use agent_common::{
+    Config, ConnInfo, ConnTuple, EventHeader, KernelOffsets, Scratch, SyscallArgs, AF_INET,
+    AF_INET6, CNT_ARGS_FULL, CNT_CONN_FULL, CNT_EVENTS, CNT_READ_FAULT, CNT_RINGBUF_FULL,
+    CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
+    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
+    MAX_CAPTURE, MAX_IOVECS, NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE,
+    SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO,
+    SYS_WRITE, SYS_WRITEV,
+};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+
+// ---------------------------------------------------------------- config ----
+
+/// Written by the loader into `.rodata` before verification (name:
+/// `agent_common::GLOBAL_CONFIG`), so the verifier sees constants.
+#[no_mangle]
+static CONFIG: Config = Config {
+    agent_tgid: 0,
+    filter: 0,
+    capture_cap: DEFAULT_CAPTURE,
+    _pad: 0,
+    offsets: KernelOffsets {
+        task_files: 0,
+        task_group_leader: 0,
+        task_comm: 0,
+        files_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_private_data: 0,
+        file_inode: 0,
+        inode_mode: 0,
+        socket_type: 0,
+        socket_sk: 0,
+        sock_protocol: 0,
+        skc_family: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        _pad: 0,
+    },
+};
+
+/// Reads one field of `CONFIG` through a volatile load: without it the
+/// compiler would fold the zero initialiser into the code.
+macro_rules! cfg {
+    ($($field:ident).+) => {
+        unsafe { core::ptr::read_volatile(addr_of!(CONFIG.$($field).+)) }
+    };
+}
+
+// ------------------------------------------------------------------ maps ----
+// Map names are the static identifiers; userspace refers to them through the
+// `agent_common::MAP_*` constants.
+
+/// Captured records to userspace. Submits never wake the reader (it drains on
+/// a timer), so no wake-up cost lands on the traced app. Size set by the loader.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// key: pid_tgid of a thread inside a captured syscall; value: its arguments.
+/// Inserted at entry, removed at exit; LRU so threads killed mid-call cannot leak.
+#[map]
+static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// key: kernel `struct sock` address; value: 4-tuple, role, sequence.
+/// Made when TCP reaches ESTABLISHED (or at first data for older sockets),
+/// removed when the traced process closes the fd; LRU evicts the rest.
+#[map]
+static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// One record-assembly area per CPU (index: CPU id). A plain array because a
+/// per-CPU map value may not exceed 32 KiB; the loader sizes it to the CPUs.
+#[map]
+static SCRATCH: Array<Scratch> = Array::with_max_entries(1, 0);
+
+/// Per-CPU event and drop counters, indexed by `agent_common::CNT_*`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Selection maps, filled by userspace before attaching; never evicted.
+/// key: tgid.
+#[map]
+static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+/// key: process name (`comm` of the thread-group leader), NUL padded.
+#[map]
+static FILTER_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(256, 0);
+/// key: TCP port, local or remote.
+#[map]
+static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+// -------------------------------------------------------------- helpers ----
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const SOCK_STREAM: u16 = 1;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: u64 = 2;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+/// Offset of the first syscall argument in a `sys_enter_*` record, and of
+/// `ret` in a `sys_exit_*` record (see the tracepoints' `format` files).
+const ARG0: usize = 16;
+const RET: usize = 16;
+const CAP_MASK: u64 = MAX_CAPTURE as u64 - 1;
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer while this program runs here.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn read_kernel<T>(addr: u64) -> Option<T> {
+    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+#[inline(always)]
+fn read_ptr(addr: u64) -> Option<u64> {
+    match read_kernel::<u64>(addr) {
+        Some(0) | None => None,
+        p => p,
+    }
+}
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, i: usize) -> u64 {
+    unsafe { ctx.read_at::<u64>(ARG0 + 8 * i) }.unwrap_or(0)
+}
+
+/// Name of the current process (the thread-group leader's `comm`), so that
+/// threads that rename themselves still match `--comm`.
+#[inline(always)]
+fn process_comm() -> [u8; COMM_LEN] {
+    let task = unsafe { bpf_get_current_task() };
+    read_ptr(task + cfg!(offsets.task_group_leader) as u64)
+        .and_then(|leader| read_kernel::<[u8; COMM_LEN]>(leader + cfg!(offsets.task_comm) as u64))
+        .unwrap_or([0; COMM_LEN])
+}
+
+/// Is this process traced? Cheap for the common default (no filter): one compare.
+#[inline(always)]
+fn selected(tgid: u32) -> bool {
+    if tgid == cfg!(agent_tgid) {
+        return false;
+    }
+    let filter = cfg!(filter);
+    if filter & (FILTER_PID | FILTER_COMM) == 0 {
+        return true;
+    }
+    if filter & FILTER_PID != 0 && unsafe { FILTER_PIDS.get(&tgid) }.is_some() {
+        return true;
+    }
+    if filter & FILTER_COMM != 0 {
+        let comm = process_comm();
+        if unsafe { FILTER_COMMS.get(&comm) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// `struct sock *` behind `fd` of the current task when it is a TCP socket over
+/// IPv4/IPv6; `None` for anything else (files, pipes, unix and UDP sockets).
+#[inline(always)]
+fn tcp_sock_of_fd(fd: i32) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_ptr(task + cfg!(offsets.task_files) as u64)?;
+    let fdt = read_ptr(files + cfg!(offsets.files_fdt) as u64)?;
+    let max_fds = read_kernel::<u32>(fdt + cfg!(offsets.fdtable_max_fds) as u64)?;
+    if fd as u32 >= max_fds {
+        return None;
+    }
+    let fd_array = read_ptr(fdt + cfg!(offsets.fdtable_fd) as u64)?;
+    let file = read_ptr(fd_array + 8 * fd as u64)?;
+    let inode = read_ptr(file + cfg!(offsets.file_inode) as u64)?;
+    let mode = read_kernel::<u16>(inode + cfg!(offsets.inode_mode) as u64)?;
+    if mode & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket = read_ptr(file + cfg!(offsets.file_private_data) as u64)?;
+    if read_kernel::<u16>(socket + cfg!(offsets.socket_type) as u64)? != SOCK_STREAM {
+        return None;
+    }
+    let sk = read_ptr(socket + cfg!(offsets.socket_sk) as u64)?;
+    let family = read_kernel::<u16>(sk + cfg!(offsets.skc_family) as u64)?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    if read_kernel::<u16>(sk + cfg!(offsets.sock_protocol) as u64)? != IPPROTO_TCP {
+        return None;
+    }
+    Some(sk)
+}
+
+/// 4-tuple read from a live `struct sock` (for sockets older than the agent).
+#[inline(always)]
+fn tuple_of_sock(sk: u64) -> ConnTuple {
+    let mut t = ConnTuple::default();
+    t.family = read_kernel::<u16>(sk + cfg!(offsets.skc_family) as u64).unwrap_or(0);
+    t.local_port = read_kernel::<u16>(sk + cfg!(offsets.skc_num) as u64).unwrap_or(0);
+    t.remote_port = u16::from_be(read_kernel::<u16>(sk + cfg!(offsets.skc_dport) as u64).unwrap_or(0));
+    if t.family == AF_INET {
+        let l = read_kernel::<[u8; 4]>(sk + cfg!(offsets.skc_rcv_saddr) as u64).unwrap_or([0; 4]);
+        let r = read_kernel::<[u8; 4]>(sk + cfg!(offsets.skc_daddr) as u64).unwrap_or([0; 4]);
+        t.local_addr[..4].copy_from_slice(&l);
+        t.remote_addr[..4].copy_from_slice(&r);
+    } else {
+        t.local_addr =
+            read_kernel::<[u8; 16]>(sk + cfg!(offsets.skc_v6_rcv_saddr) as u64).unwrap_or([0; 16]);
+        t.remote_addr =
+            read_kernel::<[u8; 16]>(sk + cfg!(offsets.skc_v6_daddr) as u64).unwrap_or([0; 16]);
+    }
+    t
+}
+
+#[inline(always)]
+fn port_selected(sk: u64) -> bool {
+    if cfg!(filter) & FILTER_PORT == 0 {
+        return true;
+    }
+    let (local, remote) = match unsafe { CONNS.get(&sk) } {
+        Some(c) => (c.tuple.local_port, c.tuple.remote_port),
+        None => {
+            let t = tuple_of_sock(sk);
+            (t.local_port, t.remote_port)
+        }
+    };
+    unsafe { FILTER_PORTS.get(&local).is_some() || FILTER_PORTS.get(&remote).is_some() }
+}
+
+/// The connection record for `sk`, made now (role unknown) if the socket was
+/// established before the agent started.
+#[inline(always)]
+fn conn_of(sk: u64) -> Option<*mut ConnInfo> {
+    if let Some(c) = CONNS.get_ptr_mut(&sk) {
+        return Some(c);
+    }
+    let info = ConnInfo {
+        tuple: tuple_of_sock(sk),
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        seq: 0,
+        role: ROLE_UNKNOWN,
+        flags: FLAG_LATE_CONN,
+        _pad: [0; 6],
+    };
+    if CONNS.insert(&sk, &info, 0).is_err() {
+        count(CNT_CONN_FULL);
+        return None;
+    }
+    CONNS.get_ptr_mut(&sk)
+}
+
+// ------------------------------------------------------- entry and exit ----
+
+/// Common syscall entry: selection, socket check, save arguments.
+#[inline(always)]
+fn save_entry(fd: i32, buf: u64, count_arg: u64, syscall: u8, direction: u8) {
+    let id = bpf_get_current_pid_tgid();
+    if !selected((id >> 32) as u32) {
+        return;
+    }
+    let Some(sk) = tcp_sock_of_fd(fd) else { return };
+    if !port_selected(sk) {
+        return;
+    }
+    let args = SyscallArgs {
+        buf,
+        count: count_arg,
+        sock: sk,
+        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+        fd,
+        syscall,
+        direction,
+        _pad: [0; 2],
+    };
+    if ARGS.insert(&id, &args, 0).is_err() {
+        count(CNT_ARGS_FULL);
+    }
+}
+
+/// Copies `len` (<= MAX_CAPTURE) bytes of user memory to `dst`; false on fault.
+#[inline(always)]
+fn copy_user(dst: *mut u8, len: u64, src: u64) -> bool {
+    // Verifier: `len` is bounded by the compare, the destination has room for
+    // MAX_CAPTURE bytes past any offset below MAX_CAPTURE.
+    let len = if len > MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { len };
+    unsafe { generated::bpf_probe_read_user(dst as *mut c_void, len as u32, src as *const c_void) == 0 }
+}
+
+/// Walks up to MAX_IOVECS iovecs, copying `total` bytes; returns the bytes copied.
+#[inline(always)]
+fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
+    let mut off: u64 = 0;
+    for i in 0..MAX_IOVECS as u64 {
+        if i >= iovcnt || off >= total {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }
+        let Ok(v) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]) }) else {
+            count(CNT_READ_FAULT);
+            break;
+        };
+        let mut n = v[1];
+        if n > total - off {
+            n = total - off;
+        }
+        if n == 0 {
+            continue;
+        }
+        // Verifier: off < total <= MAX_CAPTURE, so the mask keeps its value and
+        // proves off + n < 2 * MAX_CAPTURE, the size of the payload area.
+        let dst = unsafe { data.add((off & CAP_MASK) as usize) };
+        if !copy_user(dst, n, v[0]) {
+            count(CNT_READ_FAULT);
+            break;
+        }
+        off += n;
+    }
+    off
+}
+
+/// Copies `len` payload bytes (or none, for sendfile) into the per-CPU scratch,
+/// fills the header and outputs the record.
+#[inline(always)]
+///
+/// `VECTORED` is a compile-time switch so that only the four vectored exits
+/// carry the iovec loop: the verifier walks every iteration of it, which costs
+/// about half a second of load time per program.
+fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) -> Option<()> {
+    let conn = conn_of(args.sock)?;
+    let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
+    let mut cap = cfg!(capture_cap) as u64;
+    if cap > MAX_CAPTURE as u64 {
+        cap = MAX_CAPTURE as u64;
+    }
+    let want = if ret < cap { ret } else { cap };
+    let data = unsafe { (*scratch).data.as_mut_ptr() };
+    let captured = if args.syscall == SYS_SENDFILE {
+        0
+    } else if VECTORED {
+        copy_iovecs(data, args.buf, args.count, want)
+    } else if copy_user(data, want, args.buf) {
+        want
+    } else {
+        count(CNT_READ_FAULT);
+        0
+    };
+    let mut flags = unsafe { (*conn).flags };
+    if captured < ret {
+        flags |= FLAG_TRUNCATED;
+        count(CNT_TRUNCATED);
+    }
+    let header = unsafe { &mut (*scratch).header };
+    unsafe {
+        header.seq = (*conn).seq;
+        (*conn).seq += 1;
+        header.conn_start_ns = (*conn).start_ns;
+        header.role = (*conn).role;
+        header.tuple = (*conn).tuple;
+    }
+    header.ts_enter_ns = args.ts_enter_ns;
+    header.ts_exit_ns = unsafe { bpf_ktime_get_ns() };
+    header.sock = args.sock;
+    header.len = ret;
+    header.pid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
+    header.fd = args.fd;
+    header.captured = captured as u32;
+    header.kind = KIND_DATA;
+    header.direction = args.direction;
+    header.syscall = args.syscall;
+    header.flags = flags;
+    header.comm = process_comm();
+    output(scratch, captured)
+}
+
+#[inline(always)]
+fn output(scratch: *mut Scratch, captured: u64) -> Option<()> {
+    // Verifier: the mask bounds the record inside the scratch value.
+    let size = EVENT_HEADER_SIZE + (captured & (2 * MAX_CAPTURE as u64 - 1)) as usize;
+    let bytes = unsafe { core::slice::from_raw_parts(scratch as *const u8, size) };
+    match EVENTS.output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64) {
+        Ok(()) => count(CNT_EVENTS),
+        Err(_) => count(CNT_RINGBUF_FULL),
+    }
+    Some(())
+}
+
+/// Common syscall exit: take the saved arguments, emit when bytes moved.
+#[inline(always)]
+fn handle_exit<const VECTORED: bool>(ctx: &TracePointContext) {
+    let id = bpf_get_current_pid_tgid();
+    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else { return };
+    let _ = ARGS.remove(&id);
+    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    if ret <= 0 {
+        return;
+    }
+    let _ = emit_data::<VECTORED>(&args, ret as u64, id);
+}
+
+// ------------------------------------------------------------- programs ----
+
+// read(fd, buf, count) / write(fd, buf, count): plain buffers; most HTTP/1
+// servers and clients (curl, nginx for small heads) use these.
+#[tracepoint]
+pub fn enter_read(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_READ, DIR_INGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_read(ctx: TracePointContext) -> u32 {
+    handle_exit::<false>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn enter_write(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_WRITE, DIR_EGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_write(ctx: TracePointContext) -> u32 {
+    handle_exit::<false>(&ctx);
+    0
+}
+
+// readv/writev(fd, iov, iovcnt): nginx writes response heads with writev.
+#[tracepoint]
+pub fn enter_readv(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_READV, DIR_INGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_readv(ctx: TracePointContext) -> u32 {
+    handle_exit::<true>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn enter_writev(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_WRITEV, DIR_EGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_writev(ctx: TracePointContext) -> u32 {
+    handle_exit::<true>(&ctx);
+    0
+}
+
+// recvfrom/sendto(fd, buf, len, flags, addr, addrlen): send()/recv() in libc.
+// MSG_PEEK reads are skipped: the same bytes come again in a real read.
+#[tracepoint]
+pub fn enter_recvfrom(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 3) & MSG_PEEK == 0 {
+        save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_RECVFROM, DIR_INGRESS);
+    }
+    0
+}
+#[tracepoint]
+pub fn exit_recvfrom(ctx: TracePointContext) -> u32 {
+    handle_exit::<false>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn enter_sendto(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_SENDTO, DIR_EGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_sendto(ctx: TracePointContext) -> u32 {
+    handle_exit::<false>(&ctx);
+    0
+}
+
+/// Reads `msg_iov` and `msg_iovlen` of a user `struct msghdr` at entry, while
+/// the pointer is known valid.
+#[inline(always)]
+fn msg_iov(msg: u64) -> (u64, u64) {
+    // struct user_msghdr { name; namelen (padded); iov @16; iovlen @24; ... }
+    match unsafe { aya_ebpf::helpers::bpf_probe_read_user((msg + 16) as *const [u64; 2]) } {
+        Ok(v) => (v[0], v[1]),
+        Err(_) => (0, 0),
+    }
+}
+
+// recvmsg/sendmsg(fd, msg, flags): Python's socket.sendmsg, Go, and many
+// async runtimes.
+#[tracepoint]
+pub fn enter_recvmsg(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 2) & MSG_PEEK == 0 {
+        let (iov, n) = msg_iov(arg(&ctx, 1));
+        save_entry(arg(&ctx, 0) as i32, iov, n, SYS_RECVMSG, DIR_INGRESS);
+    }
+    0
+}
+#[tracepoint]
+pub fn exit_recvmsg(ctx: TracePointContext) -> u32 {
+    handle_exit::<true>(&ctx);
+    0
+}
+#[tracepoint]
+pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let (iov, n) = msg_iov(arg(&ctx, 1));
+    save_entry(arg(&ctx, 0) as i32, iov, n, SYS_SENDMSG, DIR_EGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_sendmsg(ctx: TracePointContext) -> u32 {
+    handle_exit::<true>(&ctx);
+    0
+}
+
+// sendfile64(out_fd, in_fd, offset, count): nginx and others send file bodies
+// without a user buffer. No payload is captured, but the byte count keeps the
+// stream's accounting exact so decoders can skip the body by framing.
+#[tracepoint]
+pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
+    save_entry(arg(&ctx, 0) as i32, 0, arg(&ctx, 3), SYS_SENDFILE, DIR_EGRESS);
+    0
+}
+#[tracepoint]
+pub fn exit_sendfile(ctx: TracePointContext) -> u32 {
+    handle_exit::<false>(&ctx);
+    0
+}
+
+// close(fd): ends the connection record while the fd still resolves (entry).
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_close(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
+    let id = bpf_get_current_pid_tgid();
+    if !selected((id >> 32) as u32) {
+        return None;
+    }
+    let fd = arg(ctx, 0) as i32;
+    let sk = tcp_sock_of_fd(fd)?;
+    let conn = CONNS.get_ptr(&sk)?;
+    let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let header: &mut EventHeader = unsafe { &mut (*scratch).header };
+    unsafe {
+        header.seq = (*conn).seq;
+        header.conn_start_ns = (*conn).start_ns;
+        header.role = (*conn).role;
+        header.tuple = (*conn).tuple;
+        header.flags = (*conn).flags;
+    }
+    header.ts_enter_ns = now;
+    header.ts_exit_ns = now;
+    header.sock = sk;
+    header.len = 0;
+    header.pid = (id >> 32) as u32;
+    header.tid = id as u32;
+    header.fd = fd;
+    header.captured = 0;
+    header.kind = KIND_CLOSE;
+    header.direction = DIR_EGRESS;
+    header.syscall = SYS_CLOSE;
+    header.comm = process_comm();
+    let _ = CONNS.remove(&sk);
+    output(scratch, 0)
+}
+
+// sock:inet_sock_set_state, on the move to ESTABLISHED: records role and
+// 4-tuple. Runs in softirq for most connections (no process to select), so it
+// records every TCP connection; the LRU map bounds that.
+#[tracepoint]
+pub fn sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
+    // Offsets from events/sock/inet_sock_set_state/format.
+    let newstate = unsafe { ctx.read_at::<i32>(20) }.ok()?;
+    if newstate != TCP_ESTABLISHED {
+        return None;
+    }
+    if unsafe { ctx.read_at::<u16>(30) }.ok()? != IPPROTO_TCP {
+        return None;
+    }
+    let role = match unsafe { ctx.read_at::<i32>(16) }.ok()? {
+        TCP_SYN_SENT => ROLE_CLIENT,
+        TCP_SYN_RECV => ROLE_SERVER,
+        _ => return None,
+    };
+    let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
+    let mut tuple = ConnTuple {
+        family: unsafe { ctx.read_at::<u16>(28) }.ok()?,
+        local_port: unsafe { ctx.read_at::<u16>(24) }.ok()?,
+        remote_port: unsafe { ctx.read_at::<u16>(26) }.ok()?,
+        ..ConnTuple::default()
+    };
+    if tuple.family == AF_INET {
+        tuple.local_addr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(32) }.ok()?);
+        tuple.remote_addr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(36) }.ok()?);
+    } else {
+        tuple.local_addr = unsafe { ctx.read_at::<[u8; 16]>(40) }.ok()?;
+        tuple.remote_addr = unsafe { ctx.read_at::<[u8; 16]>(56) }.ok()?;
+    }
+    let info = ConnInfo {
+        tuple,
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        seq: 0,
+        role,
+        flags: 0,
+        _pad: [0; 6],
+    };
+    // A new connection may reuse a freed sock's memory: overwrite.
+    if CONNS.insert(&sk, &info, 0).is_err() {
+        count(CNT_CONN_FULL);
+    }
+    Some(())
+}

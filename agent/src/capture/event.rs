@@ -1,0 +1,261 @@
+//! Userspace form of the kernel's ring-buffer records.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{
+    ConnTuple, EventHeader, AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
+    FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, ROLE_CLIENT, ROLE_SERVER,
+};
+
+/// One connection: the kernel `struct sock` address plus the time its record
+/// was made, so a sock whose memory is reused for a new connection is a new id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub sock: u64,
+    pub start_ns: u64,
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{:x}", self.sock, self.start_ns)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Unknown,
+    Client,
+    Server,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Bytes moved by one syscall.
+    Data,
+    /// The traced process closed its fd.
+    Close,
+}
+
+/// One captured syscall (or close) on a TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub conn: ConnId,
+    pub kind: ChunkKind,
+    /// Per-connection order, both directions.
+    pub seq: u64,
+    /// CLOCK_MONOTONIC at syscall entry and exit.
+    pub ts_enter_ns: u64,
+    pub ts_exit_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub fd: i32,
+    pub role: Role,
+    pub direction: Direction,
+    pub syscall: u8,
+    /// Bytes the syscall moved.
+    pub len: u64,
+    /// Fewer bytes captured than moved.
+    pub truncated: bool,
+    /// The connection predates the agent (or its record was evicted).
+    pub late_conn: bool,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than the header")]
+    Short(usize),
+    #[error("record says {captured} payload bytes but carries {available}")]
+    PayloadOutOfRange { captured: usize, available: usize },
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    #[error("unknown direction {0}")]
+    Direction(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+fn ip(family: u16, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET6 => {
+            let v6 = Ipv6Addr::from(*raw);
+            // Dual-stack sockets see IPv4 peers as ::ffff:a.b.c.d; show them as
+            // IPv4 so both ends of one connection print the same addresses.
+            Ok(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            })
+        }
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+/// Local and remote socket addresses of a kernel tuple.
+pub fn addrs(t: &ConnTuple) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+    Ok((
+        SocketAddr::new(ip(t.family, &t.local_addr)?, t.local_port),
+        SocketAddr::new(ip(t.family, &t.remote_addr)?, t.remote_port),
+    ))
+}
+
+fn comm(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(record: &[u8]) -> Result<Chunk, DecodeError> {
+    if record.len() < EVENT_HEADER_SIZE {
+        return Err(DecodeError::Short(record.len()));
+    }
+    // SAFETY: length checked; EventHeader is plain data valid for any bits.
+    let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let captured = h.captured as usize;
+    let payload = record
+        .get(EVENT_HEADER_SIZE..EVENT_HEADER_SIZE + captured)
+        .ok_or(DecodeError::PayloadOutOfRange {
+            captured,
+            available: record.len() - EVENT_HEADER_SIZE,
+        })?;
+    let kind = match h.kind {
+        KIND_DATA => ChunkKind::Data,
+        KIND_CLOSE => ChunkKind::Close,
+        k => return Err(DecodeError::Kind(k)),
+    };
+    let direction = match h.direction {
+        DIR_EGRESS => Direction::Egress,
+        DIR_INGRESS => Direction::Ingress,
+        d => return Err(DecodeError::Direction(d)),
+    };
+    let role = match h.role {
+        ROLE_CLIENT => Role::Client,
+        ROLE_SERVER => Role::Server,
+        _ => Role::Unknown,
+    };
+    let (local, remote) = addrs(&h.tuple)?;
+    Ok(Chunk {
+        conn: ConnId { sock: h.sock, start_ns: h.conn_start_ns },
+        kind,
+        seq: h.seq,
+        ts_enter_ns: h.ts_enter_ns,
+        ts_exit_ns: h.ts_exit_ns,
+        pid: h.pid,
+        tid: h.tid,
+        comm: comm(&h.comm),
+        fd: h.fd,
+        role,
+        direction,
+        syscall: h.syscall,
+        len: h.len,
+        truncated: h.flags & FLAG_TRUNCATED != 0,
+        late_conn: h.flags & FLAG_LATE_CONN != 0,
+        local,
+        remote,
+        payload: payload.to_vec(),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use agent_common::{SYS_WRITE, SYS_READ};
+
+    pub(crate) fn header(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut t = ConnTuple { family: AF_INET, local_port: 8080, remote_port: 40000, ..Default::default() };
+        t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        t.remote_addr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        let mut c = [0u8; 16];
+        c[..4].copy_from_slice(b"curl");
+        let h = EventHeader {
+            ts_enter_ns: 10,
+            ts_exit_ns: 20,
+            sock: 0xffff_8880_0000_1000,
+            conn_start_ns: 5,
+            seq,
+            len: payload.len() as u64 + 7,
+            pid: 42,
+            tid: 43,
+            fd: 3,
+            captured: payload.len() as u32,
+            kind,
+            direction: DIR_INGRESS,
+            role: ROLE_SERVER,
+            syscall: SYS_READ,
+            flags: FLAG_TRUNCATED,
+            _pad: [0; 3],
+            comm: c,
+            tuple: t,
+        };
+        let mut v = vec![0u8; EVENT_HEADER_SIZE];
+        // SAFETY: v has room for one header.
+        unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_a_data_record() {
+        let c = decode(&header(KIND_DATA, 7, b"GET / HTTP/1.1\r\n")).unwrap();
+        assert_eq!(c.kind, ChunkKind::Data);
+        assert_eq!(c.seq, 7);
+        assert_eq!(c.comm, "curl");
+        assert_eq!(c.payload, b"GET / HTTP/1.1\r\n");
+        assert_eq!(c.len, 16 + 7);
+        assert!(c.truncated && !c.late_conn);
+        assert_eq!(c.local.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.remote.to_string(), "127.0.0.2:40000");
+        assert_eq!((c.role, c.direction), (Role::Server, Direction::Ingress));
+        assert_eq!(c.conn, ConnId { sock: 0xffff_8880_0000_1000, start_ns: 5 });
+        assert_ne!(c.syscall, SYS_WRITE);
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Short(10)));
+        let mut r = header(KIND_DATA, 0, b"abcdef");
+        r.truncate(r.len() - 2);
+        assert_eq!(decode(&r), Err(DecodeError::PayloadOutOfRange { captured: 6, available: 4 }));
+        assert_eq!(decode(&header(9, 0, b"")), Err(DecodeError::Kind(9)));
+    }
+
+    #[test]
+    fn v4_mapped_v6_addresses_print_as_v4() {
+        let mut t = ConnTuple { family: AF_INET6, local_port: 1, remote_port: 2, ..Default::default() };
+        t.local_addr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
+        t.remote_addr = Ipv6Addr::LOCALHOST.octets();
+        let (l, r) = addrs(&t).unwrap();
+        assert_eq!(l.to_string(), "127.0.0.1:1");
+        assert_eq!(r.to_string(), "[::1]:2");
+        t.family = 1;
+        assert_eq!(addrs(&t), Err(DecodeError::Family(1)));
+    }
+}

@@ -1,0 +1,182 @@
+//! Roles of connections the kernel saw first mid-life.
+//!
+//! Connections established while the agent runs get their role in the kernel
+//! (from the TCP state change). For older ones the kernel only knows the
+//! 4-tuple: a connection whose local port is a listening port is the server
+//! end. Listening sockets come from `/proc/net/tcp{,6}` of the agent's network
+//! namespace, re-read at most every `REFRESH` when a port is not found.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use super::event::{Chunk, ChunkKind, ConnId, Role};
+
+const REFRESH: Duration = Duration::from_millis(200);
+const TCP_LISTEN: &str = "0A";
+
+/// Parses `/proc/net/tcp` or `/proc/net/tcp6` text into listening (ip, port) pairs.
+pub fn parse_listeners(text: &str) -> Vec<(IpAddr, u16)> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let mut fields = line.split_whitespace();
+        let (Some(_sl), Some(local), Some(_rem), Some(state)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if state != TCP_LISTEN {
+            continue;
+        }
+        let Some((addr, port)) = local.split_once(':') else { continue };
+        let Ok(port) = u16::from_str_radix(port, 16) else { continue };
+        if let Some(ip) = parse_proc_ip(addr) {
+            out.push((ip, port));
+        }
+    }
+    out
+}
+
+/// `/proc/net/tcp*` prints addresses as host-order (little-endian) 32-bit words.
+fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_le_bytes())
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
+}
+
+/// Fills in `Role::Unknown` on chunks, consistently per connection.
+#[derive(Default)]
+pub struct RoleResolver {
+    listeners: HashSet<(IpAddr, u16)>,
+    refreshed: Option<Instant>,
+    known: HashMap<ConnId, Role>,
+}
+
+impl RoleResolver {
+    fn refresh(&mut self) {
+        self.listeners.clear();
+        for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                self.listeners.extend(parse_listeners(&text));
+            }
+        }
+        self.refreshed = Some(Instant::now());
+    }
+
+    fn is_listening(&self, ip: IpAddr, port: u16) -> bool {
+        let any: [IpAddr; 2] = [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()];
+        self.listeners.contains(&(ip, port)) || any.iter().any(|a| self.listeners.contains(&(*a, port)))
+    }
+
+    /// Role of a connection from its local address, given the listening set.
+    fn classify(&mut self, ip: IpAddr, port: u16) -> Role {
+        if self.is_listening(ip, port) {
+            return Role::Server;
+        }
+        if self.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+            self.refresh();
+            if self.is_listening(ip, port) {
+                return Role::Server;
+            }
+        }
+        Role::Client
+    }
+
+    pub fn resolve(&mut self, chunk: &mut Chunk) {
+        if chunk.role == Role::Unknown {
+            let role = match self.known.get(&chunk.conn) {
+                Some(r) => *r,
+                None => {
+                    let r = self.classify(chunk.local.ip(), chunk.local.port());
+                    self.known.insert(chunk.conn, r);
+                    r
+                }
+            };
+            chunk.role = role;
+        }
+        if chunk.kind == ChunkKind::Close {
+            self.known.remove(&chunk.conn);
+        }
+    }
+
+    /// Connections currently remembered (for the memory bound in tests).
+    pub fn tracked(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Forgets connections not seen in a while (their close may have been lost).
+    pub fn retain(&mut self, live: impl Fn(&ConnId) -> bool) {
+        self.known.retain(|c, _| live(c));
+    }
+
+    #[cfg(test)]
+    fn with_listeners(l: &[(IpAddr, u16)]) -> Self {
+        // Refreshed "in the future": the test never reads the real /proc.
+        let refreshed = Some(Instant::now() + Duration::from_secs(3600));
+        Self { listeners: l.iter().copied().collect(), refreshed, known: HashMap::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:1F41 00000000000000000000000000000000:0000 0A 00000000:00000000
+   1: 0000000000000000FFFF00000100007F:2328 00000000000000000000000000000000:0000 0A 00000000:00000000
+   2: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000
+";
+
+    #[test]
+    fn parses_proc_net_tcp() {
+        let l = parse_listeners(TCP);
+        assert_eq!(l, vec![("127.0.0.1".parse().unwrap(), 8080), ("0.0.0.0".parse().unwrap(), 80)]);
+        let l6 = parse_listeners(TCP6);
+        assert_eq!(
+            l6,
+            vec![
+                ("::".parse().unwrap(), 8001),
+                ("127.0.0.1".parse().unwrap(), 9000),
+                ("::1".parse().unwrap(), 22),
+            ]
+        );
+        assert!(parse_listeners("garbage\n1: zz:zz 0A\n").is_empty());
+    }
+
+    #[test]
+    fn classifies_by_listening_port() {
+        let mut r = RoleResolver::with_listeners(&[
+            ("127.0.0.1".parse().unwrap(), 8080),
+            ("::".parse().unwrap(), 80),
+        ]);
+        let cases: [(&str, u16, Role); 4] = [
+            ("127.0.0.1", 8080, Role::Server),
+            ("10.1.2.3", 80, Role::Server), // wildcard listener
+            ("127.0.0.2", 8080, Role::Client), // other address, same port
+            ("127.0.0.1", 45000, Role::Client),
+        ];
+        for (ip, port, want) in cases {
+            assert_eq!(r.classify(ip.parse().unwrap(), port), want, "{ip}:{port}");
+        }
+    }
+}

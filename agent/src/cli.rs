@@ -1,0 +1,108 @@
+//! Command line.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::capture::CaptureConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about = "eBPF-based, zero-instrumentation tracing agent")]
+pub struct Cli {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info`, `agent=debug`.
+    #[arg(long, env = "AGENT_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print one JSON object per captured chunk on stdout (the default).
+    Dump(DumpArgs),
+}
+
+#[derive(Debug, Args, Default)]
+pub struct DumpArgs {
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Trace only this process id (repeatable). With --comm, either matches.
+    #[arg(long = "pid", value_name = "PID", global = true)]
+    pub pids: Vec<u32>,
+    /// Trace only processes with this name (repeatable, at most 15 bytes).
+    #[arg(long = "comm", value_name = "NAME", global = true)]
+    pub comms: Vec<String>,
+    /// Trace only connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT", global = true)]
+    pub ports: Vec<u16>,
+    /// Payload bytes captured per syscall (1..=16384).
+    #[arg(long, default_value_t = agent_common::DEFAULT_CAPTURE, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=agent_common::MAX_CAPTURE as i64))]
+    pub capture_bytes: u32,
+    /// Ring buffer size in bytes (rounded up to a power of two).
+    #[arg(long, default_value_t = 16 << 20, global = true)]
+    pub ringbuf_bytes: u32,
+    /// Milliseconds between ring-buffer drains.
+    #[arg(long, default_value_t = 10, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub drain_interval_ms: u64,
+    /// Seconds between counter log lines (0: only at exit).
+    #[arg(long, default_value_t = 10, global = true)]
+    pub stats_interval_s: u64,
+}
+
+impl CaptureArgs {
+    pub fn config(&self) -> CaptureConfig {
+        CaptureConfig {
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            ports: self.ports.clone(),
+            capture_bytes: self.capture_bytes,
+            ringbuf_bytes: self.ringbuf_bytes,
+            drain_interval: Duration::from_millis(self.drain_interval_ms),
+        }
+    }
+
+    pub fn stats_every(&self) -> Option<Duration> {
+        (self.stats_interval_s > 0).then(|| Duration::from_secs(self.stats_interval_s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "agent", "dump", "--pid", "10", "--pid", "11", "--comm", "nginx", "--port", "8080",
+            "--capture-bytes", "16384",
+        ])
+        .unwrap();
+        let c = cli.capture.config();
+        assert_eq!(c.pids, vec![10, 11]);
+        assert_eq!(c.comms, vec!["nginx"]);
+        assert_eq!(c.ports, vec![8080]);
+        assert_eq!(c.capture_bytes, 16384);
+        assert!(matches!(cli.command, Some(Command::Dump(_))));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for args in [
+            &["agent", "--capture-bytes", "16385"][..],
+            &["agent", "--capture-bytes", "0"],
+            &["agent", "--port", "70000"],
+            &["agent", "--drain-interval-ms", "0"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,78 @@
+use std::{
+    io::Write,
+    sync::{atomic::{AtomicBool, Ordering}, mpsc, Arc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use agent::{
+    capture::{self, preflight, Capture},
+    cli::{Cli, Command, DumpArgs},
+    dump,
+};
+use anyhow::Context;
+use clap::Parser;
+
+/// Batches in flight between the drain thread and the consumer.
+const QUEUE_BATCHES: usize = 1024;
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    preflight::check()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while shutting down exits at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone()).context("signal handler")?;
+        signal_hook::flag::register(sig, stop.clone()).context("signal handler")?;
+    }
+    match cli.command.unwrap_or(Command::Dump(DumpArgs::default())) {
+        Command::Dump(args) => run_dump(&cli.capture, &args, stop),
+    }
+}
+
+fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let cfg = cargs.config();
+    let cap = Capture::start(&cfg).context("starting capture")?;
+    let (tx, rx) = mpsc::sync_channel(QUEUE_BATCHES);
+    let drain_stop = stop.clone();
+    let interval = cfg.drain_interval;
+    let stats_every = cargs.stats_every();
+    let drainer = thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, stats_every))
+        .context("spawning drain thread")?;
+
+    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let offset = capture::monotonic_to_unix_offset_ns();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(batch) => {
+                if !dump::write_batch(&mut out, &batch, offset) {
+                    stop.store(true, Ordering::Relaxed); // stdout closed
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = out.flush();
+    let (kernel, user) = drainer.join().map_err(|_| anyhow::anyhow!("drain thread panicked"))?;
+    tracing::info!(%kernel, %user, "capture stopped");
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Capture layer, end to end: real programs loaded into the running kernel,
+//! real third-party peers, assertions on `agent dump` output.
+
+use std::{collections::HashSet, fs, process::Command};
+
+use integration_tests::{
+    counter, free_port, nginx, python, python_http_server, read_line, require_root, run_ok, write_line, Agent,
+    ChunkExt,
+};
+use serde_json::Value;
+
+fn data<'a>(chunks: &'a [Value], comm: &str, direction: &str) -> Vec<&'a Value> {
+    chunks.iter().filter(|c| c.s("kind") == "data" && c.s("comm") == comm && c.s("direction") == direction).collect()
+}
+
+fn total_len(chunks: &[&Value]) -> u64 {
+    chunks.iter().map(|c| c.n("len")).sum()
+}
+
+/// Concatenated captured payload of chunks in order.
+fn stream(chunks: &[&Value]) -> Vec<u8> {
+    chunks.iter().flat_map(|c| c.payload()).collect()
+}
+
+#[test]
+fn curl_request_seen_on_both_ends_with_mirrored_addresses_and_exact_lengths() {
+    if !require_root("curl_both_ends") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("hello.txt"), "hello from the traced server\n".repeat(30)).unwrap();
+    let port = free_port();
+    let _server = python_http_server(dir.path(), port);
+    let agent = Agent::start(&["--port", &port.to_string()]);
+    // curl reports what it sent and received, to compare with the kernel's counts.
+    let sizes = run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_request} %{size_header} %{size_download} %{local_port}",
+        &format!("http://127.0.0.1:{port}/hello.txt?x=1"),
+    ]));
+    let (chunks, log) = agent.stop();
+    let v: Vec<u64> = sizes.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (sent, received, client_port) = (v[0], v[1] + v[2], v[3]);
+
+    let client_out = data(&chunks, "curl", "egress");
+    let client_in = data(&chunks, "curl", "ingress");
+    let server_in = data(&chunks, "python3", "ingress");
+    let server_out = data(&chunks, "python3", "egress");
+    assert!(!client_out.is_empty() && !server_in.is_empty() && !server_out.is_empty() && !client_in.is_empty(), "{chunks:#?}");
+
+    assert!(stream(&client_out).starts_with(b"GET /hello.txt?x=1 HTTP/1.1\r\n"));
+    assert_eq!(stream(&client_out), stream(&server_in), "request bytes equal on both ends");
+    assert!(stream(&server_out).starts_with(b"HTTP/1.0 200 OK\r\n"));
+    assert_eq!(stream(&server_out), stream(&client_in), "response bytes equal on both ends");
+    assert_eq!(total_len(&client_out), sent, "client egress len = curl's size_request");
+    assert_eq!(total_len(&server_in), sent);
+    assert_eq!(total_len(&client_in), received, "client ingress len = header + body curl received");
+    assert_eq!(total_len(&server_out), received);
+
+    let client_local = format!("127.0.0.1:{client_port}");
+    let server_local = format!("127.0.0.1:{port}");
+    for c in client_out.iter().chain(&client_in) {
+        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("client", client_local.as_str(), server_local.as_str()));
+    }
+    for c in server_in.iter().chain(&server_out) {
+        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("server", server_local.as_str(), client_local.as_str()));
+    }
+    // Both ends saw their fd closed.
+    for comm in ["curl", "python3"] {
+        assert!(chunks.iter().any(|c| c.s("kind") == "close" && c.s("comm") == comm), "close from {comm}");
+    }
+    assert_eq!(counter(&log, "ringbuf_full"), 0);
+    assert_eq!(counter(&log, "seq_gaps"), 0);
+}
+
+#[test]
+fn one_mib_response_is_capped_with_exact_lengths_and_every_chunk_accounted_for() {
+    if !require_root("one_mib") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.path().join("big.bin"), &body).unwrap();
+    let port = free_port();
+    let _server = python_http_server(dir.path(), port);
+    let agent = Agent::start(&["--port", &port.to_string(), "--capture-bytes", "4096"]);
+    let got = run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_header} %{size_download}",
+        &format!("http://127.0.0.1:{port}/big.bin"),
+    ]));
+    let (chunks, log) = agent.stop();
+    let v: Vec<u64> = got.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(v[1], 1 << 20);
+    let received = v[0] + v[1];
+
+    for (comm, dir) in [("python3", "egress"), ("curl", "ingress")] {
+        let side = data(&chunks, comm, dir);
+        assert_eq!(total_len(&side), received, "{comm} {dir}: every byte accounted for");
+        for c in &side {
+            assert_eq!(c.n("captured"), c.n("len").min(4096), "{c}");
+            assert_eq!(c["truncated"].as_bool(), Some(c.n("len") > 4096), "{c}");
+        }
+        // Sequence numbers of one connection are gapless.
+        let seqs: Vec<u64> = chunks.iter().filter(|c| c.s("comm") == comm && c.s("kind") == "data").map(|c| c.n("seq")).collect();
+        assert_eq!(seqs, (seqs[0]..seqs[0] + seqs.len() as u64).collect::<Vec<_>>(), "{comm}");
+    }
+    // The first body bytes the server sent are captured exactly.
+    let first_body = data(&chunks, "python3", "egress").into_iter().find(|c| !c.payload().starts_with(b"HTTP/")).unwrap().payload();
+    assert_eq!(&first_body[..], &body[..first_body.len()]);
+    assert!(counter(&log, "truncated") > 0);
+    assert_eq!(counter(&log, "ringbuf_full"), 0);
+}
+
+const VECTORED: &str = r#"
+import os, socket, sys, threading
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+port = srv.getsockname()[1]
+def serve():
+    conn, _ = srv.accept()
+    a, b = bytearray(9), bytearray(100)
+    n = os.readv(conn.fileno(), [a, b])
+    os.writev(conn.fileno(), [b"HTTP/1.1 200 OK\r\n", b"Content-Length: 5\r\n\r\n", b"hello"])
+    conn.close()
+t = threading.Thread(target=serve); t.start()
+print(port, flush=True); sys.stdin.readline()
+c = socket.create_connection(("127.0.0.1", port))
+c.sendmsg([b"GET /vec", b"tored HTTP/1.1\r\n", b"Host: x\r\n\r\n"])
+buf = bytearray(200)
+n = c.recvmsg_into([buf])[0]
+assert bytes(buf[:n]).endswith(b"hello"), buf[:n]
+c.close(); t.join()
+print("done", flush=True)
+"#;
+
+#[test]
+fn writev_readv_sendmsg_recvmsg_paths_are_captured() {
+    if !require_root("vectored") {
+        return;
+    }
+    let mut py = python(VECTORED, &[]);
+    let port = read_line(&mut py);
+    let agent = Agent::start(&["--port", &port]);
+    write_line(&mut py, "go");
+    assert_eq!(read_line(&mut py), "done");
+    let _ = py.wait();
+    let (chunks, _) = agent.stop();
+    let by = |syscall: &str| -> Vec<&Value> { chunks.iter().filter(|c| c.s("syscall") == syscall).collect() };
+    let request = b"GET /vectored HTTP/1.1\r\nHost: x\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+    let sendmsg = by("sendmsg");
+    assert_eq!(sendmsg.len(), 1, "{chunks:#?}");
+    assert_eq!(sendmsg[0].payload(), request);
+    assert_eq!(sendmsg[0].n("len"), request.len() as u64);
+    assert_eq!(sendmsg[0].s("role"), "client");
+    let readv = by("readv");
+    assert_eq!(readv[0].payload(), request, "readv copies across both iovecs");
+    assert_eq!(readv[0].s("role"), "server");
+    let writev = by("writev");
+    assert_eq!(writev[0].payload(), response);
+    assert_eq!(writev[0].n("len"), response.len() as u64);
+    let recvmsg = by("recvmsg");
+    assert_eq!(recvmsg[0].payload(), response);
+    assert_eq!(recvmsg[0].s("direction"), "ingress");
+}
+
+const KEEPALIVE_CLIENT: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+c = socket.create_connection(("127.0.0.1", port))
+def get(path):
+    c.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += c.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    while len(body) < length:
+        body += c.recv(65536)
+get("/first")
+print(c.getsockname()[1], flush=True)
+sys.stdin.readline()
+get("/second")
+print("done", flush=True)
+"#;
+
+#[test]
+fn keepalive_connection_opened_before_the_agent_is_identified() {
+    if !require_root("keepalive_before_agent") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("second"), "second body").unwrap();
+    let port = free_port();
+    let _nginx = nginx(dir.path(), &root, port, 1);
+    let mut client = python(KEEPALIVE_CLIENT, &[&port.to_string()]);
+    let client_port = read_line(&mut client);
+    let agent = Agent::start(&["--port", &port.to_string()]);
+    write_line(&mut client, "go");
+    assert_eq!(read_line(&mut client), "done");
+    let (chunks, _) = agent.stop();
+    let _ = client.wait();
+
+    let client_local = format!("127.0.0.1:{client_port}");
+    let server_local = format!("127.0.0.1:{port}");
+    let req = data(&chunks, "python3", "egress");
+    assert!(stream(&req).starts_with(b"GET /second HTTP/1.1\r\n"), "{chunks:#?}");
+    assert!(!stream(&req).windows(6).any(|w| w == b"/first"), "the request before the agent is not seen");
+    let at_server = data(&chunks, "nginx", "ingress");
+    assert_eq!(stream(&at_server), stream(&req));
+    let resp = data(&chunks, "nginx", "egress");
+    assert!(stream(&resp).starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert!(stream(&data(&chunks, "python3", "ingress")).ends_with(b"second body"));
+    for c in chunks.iter().filter(|c| c.s("comm") == "python3") {
+        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("client", client_local.as_str(), server_local.as_str()), "{c}");
+    }
+    for c in chunks.iter().filter(|c| c.s("comm") == "nginx") {
+        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("server", server_local.as_str(), client_local.as_str()), "{c}");
+    }
+}
+
+const BURST: &str = r#"
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+ports = []
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    ports.append(c.getsockname()[1])
+    c.sendall(b"GET /f HTTP/1.0\r\n\r\n")
+    while c.recv(65536):
+        pass
+    c.close()
+print(" ".join(map(str, ports)), flush=True)
+"#;
+
+#[test]
+fn burst_of_1000_short_connections_every_one_identified() {
+    if !require_root("burst_1000") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("f"), "x").unwrap();
+    let port = free_port();
+    let _nginx = nginx(dir.path(), &root, port, 1);
+    let agent = Agent::start(&["--port", &port.to_string()]);
+    let mut client = python(BURST, &[&port.to_string(), "1000"]);
+    let ports: Vec<String> = read_line(&mut client).split_whitespace().map(|p| format!("127.0.0.1:{p}")).collect();
+    let _ = client.wait();
+    let (chunks, log) = agent.stop();
+    assert_eq!(ports.len(), 1000);
+    let server = format!("127.0.0.1:{port}");
+
+    let client_conns: HashSet<&str> = chunks
+        .iter()
+        .filter(|c| c.s("comm") == "python3" && c.s("kind") == "data" && c.s("direction") == "egress")
+        .filter(|c| c.s("role") == "client" && c.s("remote") == server && c.payload().starts_with(b"GET /f "))
+        .map(|c| c.s("local"))
+        .collect();
+    let server_conns: HashSet<&str> = chunks
+        .iter()
+        .filter(|c| c.s("comm") == "nginx" && c.s("kind") == "data" && c.s("direction") == "ingress")
+        .filter(|c| c.s("role") == "server" && c.s("local") == server && c.payload().starts_with(b"GET /f "))
+        .map(|c| c.s("remote"))
+        .collect();
+    let responses = chunks
+        .iter()
+        .filter(|c| c.s("comm") == "nginx" && c.s("direction") == "egress" && c.payload().starts_with(b"HTTP/1.1 200"))
+        .count();
+    let missing_client: Vec<_> = ports.iter().filter(|p| !client_conns.contains(p.as_str())).collect();
+    let missing_server: Vec<_> = ports.iter().filter(|p| !server_conns.contains(p.as_str())).collect();
+    assert!(missing_client.is_empty(), "client side missing {} connections: {:?}", missing_client.len(), &missing_client[..missing_client.len().min(5)]);
+    assert!(missing_server.is_empty(), "server side missing {} connections: {:?}", missing_server.len(), &missing_server[..missing_server.len().min(5)]);
+    assert_eq!(responses, 1000);
+    assert_eq!(counter(&log, "ringbuf_full"), 0);
+}
+
+#[test]
+fn comm_filter_selects_only_the_named_process() {
+    if !require_root("comm_filter") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a"), "a").unwrap();
+    let port = free_port();
+    let _server = python_http_server(dir.path(), port);
+    let agent = Agent::start(&["--comm", "curl"]);
+    run_ok(Command::new("curl").args(["-sS", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/a")]));
+    let (chunks, _) = agent.stop();
+    assert!(chunks.iter().any(|c| c.s("comm") == "curl" && c.s("remote") == format!("127.0.0.1:{port}")));
+    let others: Vec<_> = chunks.iter().filter(|c| c.s("comm") != "curl").collect();
+    assert!(others.is_empty(), "unselected processes captured: {others:#?}");
+}
+
+#[test]
+fn pid_filter_and_the_agent_never_traces_itself() {
+    if !require_root("pid_filter") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a"), "a").unwrap();
+    let port = free_port();
+    let server = python_http_server(dir.path(), port);
+    let server_pid = server.0.id();
+    let agent = Agent::start(&["--pid", &server_pid.to_string()]);
+    let agent_pid = agent.pid() as u64;
+    for _ in 0..3 {
+        run_ok(Command::new("curl").args(["-sS", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/a")]));
+    }
+    let (chunks, _) = agent.stop();
+    assert!(!chunks.is_empty());
+    assert!(chunks.iter().all(|c| c.n("pid") == server_pid as u64), "only the selected pid");
+    assert!(chunks.iter().all(|c| c.n("pid") != agent_pid));
+    assert_eq!(data(&chunks, "python3", "ingress").len(), 3);
+}

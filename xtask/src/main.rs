@@ -1,0 +1,195 @@
+//! `cargo xtask setup|build|run|test|bench`: the project's build entry points.
+//!
+//! The kernel crate needs nightly features and `core` source, which rustup
+//! cannot download here; Debian's rustc-web (registered as the rustup
+//! toolchain `bpf-web`) with `RUSTC_BOOTSTRAP=1` and `-Z build-std=core`
+//! builds it, linked by bpf-linker against Debian's LLVM 22.
+
+mod bench;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_TOOLCHAIN: &str = "bpf-web";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "0.13";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Debian packages: the kernel-crate toolchain, and the third-party programs
+/// the integration tests and benchmarks drive.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "curl",
+    "nginx-light",
+    "wrk",
+    "iproute2",
+    "procps",
+];
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install (idempotently) everything the build and tests need.
+    Setup,
+    /// Build the kernel object and the agent that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build (release) and run the agent: `cargo xtask run -- ARGS`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged integration tests.
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks: `overhead` (nginx + wrk with and without the agent).
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => build(release).map(drop),
+        Cmd::Run { args } => {
+            setup()?;
+            let agent = build(true)?;
+            let status = Command::new(&agent).args(&args).status().with_context(|| format!("running {}", agent.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => test(&args),
+        Cmd::Bench { which } => {
+            setup()?;
+            let agent = build(true)?;
+            bench::run(which, &agent)
+        }
+    }
+}
+
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+        }
+        eprintln!("xtask: installing {missing:?}");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let linked = output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|s| s.lines().any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN)));
+    if !linked {
+        eprintln!("xtask: linking /usr as rustup toolchain {BPF_TOOLCHAIN}");
+        run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))?;
+    }
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.split_whitespace().nth(1).is_some_and(|v| v.starts_with(BPF_LINKER_VERSION)));
+    if !linker_ok {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    Ok(())
+}
+
+/// Path of the built kernel object.
+fn ebpf_object() -> PathBuf {
+    root().join("target/bpf").join(BPF_TARGET).join("release/agent-ebpf")
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    // A separate target dir: the host build runs another rustc, and sharing
+    // one would rebuild both sides' dependencies every time.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .arg(format!("+{BPF_TOOLCHAIN}"))
+        .args(["build", "-p", "agent-ebpf", "--release", "-Z", "build-std=core", "--target", BPF_TARGET])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", root().join("target/bpf"))
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    run(&mut cmd).context("building the kernel programs (is `cargo xtask setup` done?)")?;
+    Ok(ebpf_object())
+}
+
+/// Builds both halves; returns the agent binary.
+fn build(release: bool) -> Result<PathBuf> {
+    let obj = build_ebpf()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).args(["build", "-p", "agent"]).env("AGENT_EBPF_OBJECT", &obj);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("agent"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    let agent = build(true)?;
+    // Unit tests of every host crate.
+    run(Command::new("cargo").current_dir(root()).args(["test", "--workspace", "--exclude", "agent-ebpf", "--exclude", "integration-tests"]).env("AGENT_EBPF_OBJECT", ebpf_object()))?;
+    // Privileged integration tests with the real programs and real peers.
+    // One at a time: they share the kernel's tracepoints and loopback ports.
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "-p", "integration-tests", "--release", "--", "--test-threads=1"])
+        .args(args)
+        .env("AGENT_BIN", &agent))
+}
