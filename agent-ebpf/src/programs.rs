@@ -72,9 +72,10 @@ macro_rules! cfg {
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// key: pid_tgid of a thread inside a captured syscall; value: its arguments.
-/// Inserted at entry, removed at exit; LRU so threads killed mid-call cannot leak.
+/// Inserted at entry, removed at exit, and when a thread dies mid-call
+/// (`task_exit`). A plain preallocated hash: an LRU one cost ~2x on this path.
 #[map]
-static ARGS: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
 
 /// key: kernel `struct sock` address; value: 4-tuple, role, sequence.
 /// Made when TCP reaches ESTABLISHED (or at first data for older sockets),
@@ -262,6 +263,7 @@ fn conn_of(sk: u64) -> Option<*mut ConnInfo> {
         role: ROLE_UNKNOWN,
         flags: FLAG_LATE_CONN,
         _pad: [0; 6],
+        comm: [0; COMM_LEN],
     };
     if CONNS.insert(&sk, &info, 0).is_err() {
         count(CNT_CONN_FULL);
@@ -372,6 +374,10 @@ fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) 
     }
     let header = unsafe { &mut (*scratch).header };
     unsafe {
+        if (*conn).comm[0] == 0 {
+            (*conn).comm = process_comm();
+        }
+        header.comm = (*conn).comm;
         header.seq = (*conn).seq;
         (*conn).seq += 1;
         header.conn_start_ns = (*conn).start_ns;
@@ -390,7 +396,6 @@ fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) 
     header.direction = args.direction;
     header.syscall = args.syscall;
     header.flags = flags;
-    header.comm = process_comm();
     output(scratch, captured)
 }
 
@@ -580,9 +585,21 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     header.kind = KIND_CLOSE;
     header.direction = DIR_EGRESS;
     header.syscall = SYS_CLOSE;
-    header.comm = process_comm();
+    header.comm = unsafe { (*conn).comm };
+    if header.comm[0] == 0 {
+        header.comm = process_comm();
+    }
     let _ = CONNS.remove(&sk);
     output(scratch, 0)
+}
+
+// sched:sched_process_exit: a thread killed inside a captured syscall never
+// reaches the exit tracepoint; free its saved arguments here.
+#[tracepoint]
+pub fn task_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let _ = ARGS.remove(&id);
+    0
 }
 
 // sock:inet_sock_set_state, on the move to ESTABLISHED: records role and
@@ -630,6 +647,7 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         role,
         flags: 0,
         _pad: [0; 6],
+        comm: [0; COMM_LEN],
     };
     // A new connection may reuse a freed sock's memory: overwrite.
     if CONNS.insert(&sk, &info, 0).is_err() {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::capture::CaptureConfig;
 
@@ -29,6 +29,16 @@ pub struct DumpArgs {
     /// Stop after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
+    /// `json`: a line per chunk; `summary`: a line per connection, at close.
+    #[arg(long, value_enum, default_value_t = DumpFormat::Json)]
+    pub format: DumpFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    #[default]
+    Json,
+    Summary,
 }
 
 #[derive(Debug, Args)]

@@ -1,11 +1,14 @@
 //! `agent dump`: one JSON object per captured chunk, the user's view of what
 //! the agent sees.
 
-use std::io::Write;
+use std::{collections::HashMap, io::Write};
 
 use serde::Serialize;
 
-use crate::capture::{Chunk, ChunkKind};
+use crate::capture::{Chunk, ChunkKind, ConnId, Direction};
+
+/// Open connections a summary keeps before it reports them early.
+const MAX_OPEN_SUMMARIES: usize = 65536;
 
 /// Escapes a payload for display: printable ASCII as is, `\\`, `\r`, `\n`,
 /// `\t` as those two-character escapes, every other byte as `\xHH`. The
@@ -106,6 +109,93 @@ pub fn write_batch(out: &mut impl Write, batch: &[Chunk], epoch_offset_ns: i128)
     out.flush().is_ok()
 }
 
+/// One line per connection for `dump --format summary`: what was moved each
+/// way, reported when the traced process closes it (or at exit).
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct ConnSummary {
+    pub conn: String,
+    pub pid: u32,
+    pub comm: String,
+    pub role: &'static str,
+    pub local: String,
+    pub remote: String,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub closed: bool,
+    pub egress_chunks: u64,
+    pub egress_bytes: u64,
+    pub ingress_chunks: u64,
+    pub ingress_bytes: u64,
+    pub truncated_chunks: u64,
+}
+
+/// Aggregates chunks per connection.
+#[derive(Default)]
+pub struct Summaries {
+    open: HashMap<ConnId, ConnSummary>,
+}
+
+impl Summaries {
+    /// Adds a chunk; returns the finished summaries (its connection closed, or
+    /// the open set overflowed its bound and is reported early).
+    pub fn add(&mut self, c: &Chunk) -> Vec<ConnSummary> {
+        let s = self.open.entry(c.conn).or_insert_with(|| ConnSummary {
+            conn: c.conn.to_string(),
+            pid: c.pid,
+            comm: c.comm.clone(),
+            role: c.role.as_str(),
+            local: c.local.to_string(),
+            remote: c.remote.to_string(),
+            first_ns: c.ts_exit_ns,
+            last_ns: c.ts_exit_ns,
+            closed: false,
+            egress_chunks: 0,
+            egress_bytes: 0,
+            ingress_chunks: 0,
+            ingress_bytes: 0,
+            truncated_chunks: 0,
+        });
+        s.last_ns = c.ts_exit_ns;
+        match (c.kind, c.direction) {
+            (ChunkKind::Close, _) => {
+                let done = self.open.remove(&c.conn).map(|mut s| {
+                    s.closed = true;
+                    s
+                });
+                return done.into_iter().collect();
+            }
+            (ChunkKind::Data, Direction::Egress) => {
+                s.egress_chunks += 1;
+                s.egress_bytes += c.len;
+            }
+            (ChunkKind::Data, Direction::Ingress) => {
+                s.ingress_chunks += 1;
+                s.ingress_bytes += c.len;
+            }
+        }
+        s.truncated_chunks += u64::from(c.truncated);
+        if self.open.len() > MAX_OPEN_SUMMARIES {
+            return self.finish();
+        }
+        Vec::new()
+    }
+
+    /// Connections still open, reported as such.
+    pub fn finish(&mut self) -> Vec<ConnSummary> {
+        self.open.drain().map(|(_, s)| s).collect()
+    }
+}
+
+/// Writes summaries as JSON lines; returns false when stdout is gone.
+pub fn write_summaries(out: &mut impl Write, s: &[ConnSummary]) -> bool {
+    for line in s {
+        if serde_json::to_writer(&mut *out, line).is_err() || writeln!(out).is_err() {
+            return false;
+        }
+    }
+    out.flush().is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +231,29 @@ mod tests {
         assert_eq!(v["payload"], "hi\\n");
         assert_eq!(v["syscall"], "read");
         assert_eq!(v["seq"], 3);
+    }
+
+    #[test]
+    fn summaries_add_up_per_connection_and_report_at_close() {
+        use crate::capture::event::decode;
+        use agent_common::KIND_CLOSE;
+        let mut sums = Summaries::default();
+        let mut a = decode(&header(KIND_DATA, 0, b"abc")).unwrap();
+        a.direction = Direction::Egress;
+        let b = decode(&header(KIND_DATA, 1, b"de")).unwrap(); // ingress, truncated
+        assert!(sums.add(&a).is_empty());
+        assert!(sums.add(&b).is_empty());
+        let done = sums.add(&decode(&header(KIND_CLOSE, 2, b"")).unwrap());
+        assert_eq!(done.len(), 1);
+        let s = &done[0];
+        assert!(s.closed);
+        assert_eq!((s.egress_chunks, s.egress_bytes), (1, 3 + 7));
+        assert_eq!((s.ingress_chunks, s.ingress_bytes), (1, 2 + 7));
+        assert_eq!(s.truncated_chunks, 2);
+        assert!(sums.finish().is_empty());
+        sums.add(&a);
+        let open = sums.finish();
+        assert_eq!(open.len(), 1);
+        assert!(!open[0].closed);
     }
 }

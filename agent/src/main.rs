@@ -7,7 +7,7 @@ use std::{
 
 use agent::{
     capture::{self, preflight, Capture},
-    cli::{Cli, Command, DumpArgs},
+    cli::{Cli, Command, DumpArgs, DumpFormat},
     dump,
 };
 use anyhow::Context;
@@ -57,13 +57,21 @@ fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBo
     let offset = capture::monotonic_to_unix_offset_ns();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut summaries = dump::Summaries::default();
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             stop.store(true, Ordering::Relaxed);
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(batch) => {
-                if !dump::write_batch(&mut out, &batch, offset) {
+                let written = match args.format {
+                    DumpFormat::Json => dump::write_batch(&mut out, &batch, offset),
+                    DumpFormat::Summary => {
+                        let done: Vec<_> = batch.iter().flat_map(|c| summaries.add(c)).collect();
+                        dump::write_summaries(&mut out, &done)
+                    }
+                };
+                if !written {
                     stop.store(true, Ordering::Relaxed); // stdout closed
                 }
             }
@@ -71,6 +79,7 @@ fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBo
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
+    let _ = dump::write_summaries(&mut out, &summaries.finish());
     let _ = out.flush();
     let (kernel, user) = drainer.join().map_err(|_| anyhow::anyhow!("drain thread panicked"))?;
     tracing::info!(%kernel, %user, "capture stopped");

@@ -1,9 +1,11 @@
 //! `cargo xtask bench overhead`: what the agent costs a traced server.
 //!
 //! nginx (one worker) serves a small file to wrk over keep-alive connections,
-//! alternately without and with the agent attached, in one run so that both
-//! sides see the same machine noise. Prints requests/s of both, their ratio,
-//! the agent's CPU seconds per 100,000 requests, and every drop counter.
+//! alternately without the agent and with it in each mode, in one run so that
+//! all see the same machine noise. Modes: `summary` (capture, decode and
+//! per-connection accounting: the capture pipeline's own cost) and `json`
+//! (`agent dump` printing every chunk). Prints requests/s, ratios, the agent's
+//! CPU seconds per 100,000 requests, and every drop counter.
 
 use std::{
     fs,
@@ -124,10 +126,11 @@ struct AgentRun {
     err: std::path::PathBuf,
 }
 
-fn start_agent(agent: &Path, dir: &Path, round: u32) -> Result<AgentRun> {
-    let err = dir.join(format!("agent-{round}.log"));
+fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[&str]) -> Result<AgentRun> {
+    let err = dir.join(format!("agent-{round}-{mode}.log"));
     let child = Command::new(agent)
         .args(["dump", "--stats-interval-s", "0"])
+        .args(args)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&err)?)
@@ -161,45 +164,68 @@ fn counter(line: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Figures of one agent mode over all rounds.
+#[derive(Default)]
+struct Mode {
+    rps: Vec<f64>,
+    cpu_s: f64,
+    requests: f64,
+    events: u64,
+    drops: Vec<u64>,
+}
+
+const DROP_NAMES: [&str; 7] =
+    ["ringbuf_full", "args_full", "conn_full", "read_fault", "queue_full_chunks", "seq_gaps", "decode_errors"];
+
 pub fn run(which: Which, agent: &Path) -> Result<()> {
     let Which::Overhead { rounds, seconds, connections } = which;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let _nginx = start_nginx(dir.path(), port)?;
     wrk(port, 1, connections)?; // warm-up
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    let (mut cpu, mut on_reqs) = (0.0, 0.0);
-    let drop_names = ["ringbuf_full", "args_full", "conn_full", "read_fault", "queue_full_chunks", "seq_gaps", "decode_errors"];
-    let mut drops = vec![0u64; drop_names.len()];
-    let mut events = 0;
+    // (label, agent arguments). wrk runs on the same host, so by default the
+    // agent traces the load generator too; `--comm nginx` traces the server
+    // alone, as on a host where the clients are elsewhere.
+    let formats: [(&str, &[&str]); 3] = [
+        ("summary, all processes", &["--format", "summary"]),
+        ("summary, --comm nginx", &["--format", "summary", "--comm", "nginx"]),
+        ("json, all processes", &["--format", "json"]),
+    ];
+    let mut without = Vec::new();
+    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROP_NAMES.len()], ..Mode::default() }).collect();
     for round in 0..rounds {
         let (rps, _) = wrk(port, seconds, connections)?;
-        println!("round {round}: without agent {rps:>10.0} req/s");
-        off.push(rps);
-        let a = start_agent(agent, dir.path(), round)?;
-        let pid = a.proc.0.id();
-        let before = cpu_seconds(pid)?;
-        let (rps, reqs) = wrk(port, seconds, connections)?;
-        cpu += cpu_seconds(pid)? - before;
-        on_reqs += reqs;
-        let line = stop_agent(a)?;
-        println!("round {round}: with agent    {rps:>10.0} req/s");
-        on.push(rps);
-        events += counter(&line, "events");
-        for (d, name) in drops.iter_mut().zip(drop_names) {
-            *d += counter(&line, name);
+        println!("round {round}: without agent {:<20} {rps:>10.0} req/s", "");
+        without.push(rps);
+        for (i, ((format, args), mode)) in formats.iter().zip(modes.iter_mut()).enumerate() {
+            let a = start_agent(agent, dir.path(), round, i, args)?;
+            let pid = a.proc.0.id();
+            let before = cpu_seconds(pid)?;
+            let (rps, reqs) = wrk(port, seconds, connections)?;
+            mode.cpu_s += cpu_seconds(pid)? - before;
+            mode.requests += reqs;
+            let line = stop_agent(a)?;
+            println!("round {round}: agent ({format:<23}) {rps:>10.0} req/s");
+            mode.rps.push(rps);
+            mode.events += counter(&line, "events");
+            for (d, name) in mode.drops.iter_mut().zip(DROP_NAMES) {
+                *d += counter(&line, name);
+            }
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (m_off, m_on) = (mean(&off), mean(&on));
+    let base = mean(&without);
     println!();
-    println!("requests/s without agent : {m_off:.0}");
-    println!("requests/s with agent    : {m_on:.0}");
-    println!("ratio with/without       : {:.3}", m_on / m_off);
-    println!("agent CPU s / 100k req   : {:.3}", cpu / (on_reqs / 100_000.0));
-    println!("kernel events            : {events}");
-    for (name, d) in drop_names.iter().zip(&drops) {
-        println!("dropped {name:<17}: {d}");
+    println!("requests/s without agent        : {base:.0}");
+    for ((format, args), m) in formats.iter().zip(&modes) {
+        let rps = mean(&m.rps);
+        println!("--- {format}: agent dump {}", args.join(" "));
+        println!("requests/s with agent           : {rps:.0}");
+        println!("ratio with/without              : {:.3}", rps / base);
+        println!("agent CPU s / 100k requests     : {:.3}", m.cpu_s / (m.requests / 100_000.0));
+        println!("kernel events                   : {}", m.events);
+        let drops: Vec<String> = DROP_NAMES.iter().zip(&m.drops).map(|(n, d)| format!("{n}={d}")).collect();
+        println!("drops                           : {}", drops.join(" "));
     }
     Ok(())
 }

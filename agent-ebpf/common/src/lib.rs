@@ -50,6 +50,7 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("enter_sendfile", "syscalls", "sys_enter_sendfile64"),
     ("exit_sendfile", "syscalls", "sys_exit_sendfile64"),
     ("enter_close", "syscalls", "sys_enter_close"),
+    ("task_exit", "sched", "sched_process_exit"),
     ("sock_set_state", "sock", "inet_sock_set_state"),
 ];
 
@@ -197,8 +198,12 @@ pub struct ConnInfo {
     /// `FLAG_LATE_CONN` when made at first data.
     pub flags: u8,
     pub _pad: [u8; 6],
+    /// Process name, filled at the first captured syscall (the record is often
+    /// made in softirq, where there is no process): saves two kernel reads per
+    /// event afterwards.
+    pub comm: [u8; COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
 
 /// Syscall arguments saved at entry, keyed by `pid_tgid`, consumed at exit.
 #[repr(C)]

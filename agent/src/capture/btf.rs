@@ -199,7 +199,7 @@ impl Btf {
                 return Some(MemberInfo {
                     offset: bits / 8,
                     size: self.size_of(m.type_id),
-                    bitfield: m.bitfield_size != 0 || bits % 8 != 0,
+                    bitfield: m.bitfield_size != 0 || !bits.is_multiple_of(8),
                 });
             }
             if m.name_off == 0 {
