@@ -11,6 +11,8 @@ use crate::capture::CaptureConfig;
 pub struct Cli {
     #[command(flatten)]
     pub capture: CaptureArgs,
+    #[command(flatten)]
+    pub trace: TraceArgs,
     /// Log filter (tracing's EnvFilter syntax), e.g. `info`, `agent=debug`.
     #[arg(long, env = "AGENT_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -20,8 +22,47 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print one JSON object per captured chunk on stdout (the default).
+    /// Trace HTTP traffic and export spans (the default).
+    Trace,
+    /// Print what the agent captures: one JSON object per chunk (or per connection).
     Dump(DumpArgs),
+}
+
+/// Options of the tracing job (also accepted without the `trace` subcommand).
+#[derive(Debug, Args, Default)]
+pub struct TraceArgs {
+    /// OTLP/HTTP endpoint, a base URL like OTEL_EXPORTER_OTLP_ENDPOINT (spans go to
+    /// {URL}/v1/traces). Without it or the OTEL_EXPORTER_OTLP_* variables, traces
+    /// are printed on the console.
+    #[arg(long, value_name = "URL", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Console format: `tree` (readable traces) or `json` (one OTLP-JSON span per line).
+    #[arg(long, value_enum, default_value_t = Output::Tree, global = true)]
+    pub output: Output,
+    /// Service name for a process name (repeatable), e.g. `python3=frontend`.
+    #[arg(long = "service-name", value_name = "PROCESS=SERVICE", global = true)]
+    pub service_names: Vec<String>,
+    /// Sample new traces with this probability (parent-based trace-id ratio);
+    /// overrides OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
+    #[arg(long, value_name = "RATIO", value_parser = parse_ratio, global = true)]
+    pub sampler_ratio: Option<f64>,
+    /// How long an exchange waits for the other end of its connection (ms).
+    #[arg(long, default_value_t = 300, global = true)]
+    pub pair_window_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Tree,
+    Json,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1")),
+    }
 }
 
 #[derive(Debug, Args, Default)]
@@ -105,12 +146,28 @@ mod tests {
     }
 
     #[test]
+    fn trace_flags_work_with_and_without_the_subcommand() {
+        for args in [
+            &["agent", "--otlp-endpoint", "http://h:4318", "--sampler-ratio", "0.25", "--service-name", "a=b"][..],
+            &["agent", "trace", "--otlp-endpoint", "http://h:4318", "--sampler-ratio", "0.25", "--service-name", "a=b"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.trace.otlp_endpoint.as_deref(), Some("http://h:4318"));
+            assert_eq!(cli.trace.sampler_ratio, Some(0.25));
+            assert_eq!(cli.trace.service_names, vec!["a=b"]);
+            assert_eq!(cli.trace.output, Output::Tree);
+        }
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         for args in [
             &["agent", "--capture-bytes", "16385"][..],
             &["agent", "--capture-bytes", "0"],
             &["agent", "--port", "70000"],
             &["agent", "--drain-interval-ms", "0"],
+            &["agent", "--sampler-ratio", "1.5"],
+            &["agent", "--output", "xml"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

@@ -7,8 +7,11 @@ use std::{
 
 use agent::{
     capture::{self, preflight, Capture},
-    cli::{Cli, Command, DumpArgs, DumpFormat},
+    cli::{Cli, Command, DumpArgs, DumpFormat, Output, TraceArgs},
+    correlate::{resource, sampling::Sampler},
     dump,
+    export::otlp::OtlpConfig,
+    pipeline::{self, SinkConfig, TraceOptions},
 };
 use anyhow::Context;
 use clap::Parser;
@@ -36,9 +39,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone()).context("signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("signal handler")?;
     }
-    match cli.command.unwrap_or(Command::Dump(DumpArgs::default())) {
+    match cli.command.unwrap_or(Command::Trace) {
+        Command::Trace => run_trace(&cli.capture, &cli.trace, stop),
         Command::Dump(args) => run_dump(&cli.capture, &args, stop),
     }
+}
+
+fn run_trace(cargs: &agent::cli::CaptureArgs, targs: &TraceArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let sink = match OtlpConfig::resolve(targs.otlp_endpoint.as_deref(), env).context("OTLP exporter configuration")? {
+        Some(cfg) => SinkConfig::Otlp(cfg),
+        None if targs.output == Output::Json => SinkConfig::ConsoleJson,
+        None => SinkConfig::ConsoleTree,
+    };
+    let sampler = match targs.sampler_ratio {
+        Some(r) => Sampler::ParentBased(Box::new(Sampler::TraceIdRatio(r))),
+        None => Sampler::from_env_values(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())
+            .context("OTEL_TRACES_SAMPLER")?,
+    };
+    let opts = TraceOptions {
+        capture: cargs.config(),
+        sampler,
+        sink,
+        service_names: resource::parse_mappings(&targs.service_names)?,
+        pair_window: Duration::from_millis(targs.pair_window_ms),
+        stats_every: cargs.stats_every(),
+    };
+    pipeline::run_trace(opts, stop).context("tracing")?;
+    Ok(())
 }
 
 fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {

@@ -74,13 +74,23 @@ pub fn python_http_server(dir: &Path, port: u16) -> Proc {
     p
 }
 
-/// nginx (one process, foreground) serving `root` on loopback with keep-alive.
+/// nginx (foreground) serving `root` on loopback with keep-alive.
 pub fn nginx(dir: &Path, root: &Path, port: u16, workers: u32) -> Proc {
+    start_nginx(dir, root, port, workers, None)
+}
+
+/// nginx with one worker that logs every request it handles to `access_log`.
+pub fn nginx_with_access_log(dir: &Path, root: &Path, port: u16, access_log: &Path) -> Proc {
+    start_nginx(dir, root, port, 1, Some(access_log))
+}
+
+fn start_nginx(dir: &Path, root: &Path, port: u16, workers: u32, access_log: Option<&Path>) -> Proc {
+    let log = access_log.map_or("off".to_string(), |p| p.display().to_string());
     let conf = format!(
         "daemon off; worker_processes {workers}; pid {d}/nginx.pid; error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  access_log {log};
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
   keepalive_requests 1000000; keepalive_timeout 60s;
@@ -117,15 +127,23 @@ pub struct Agent {
 impl Agent {
     /// Starts `agent dump ARGS` and waits until its programs are attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with("dump", args, &[])
+    }
+
+    /// Starts `agent SUBCOMMAND ARGS` with extra environment variables.
+    pub fn start_with(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out.jsonl");
         let err = dir.path().join("err.log");
         let child = Command::new(agent_bin())
-            .arg("dump")
+            .arg(subcommand)
             .args(args)
             .args(["--stats-interval-s", "0"])
             .env("AGENT_LOG", "info")
             .env("NO_COLOR", "1")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(env.iter().copied())
             .stdout(fs::File::create(&out).expect("stdout file"))
             .stderr(fs::File::create(&err).expect("stderr file"))
             .spawn()
@@ -155,7 +173,17 @@ impl Agent {
     }
 
     /// SIGINT, wait for a clean exit, and return the dumped chunks and the log.
-    pub fn stop(mut self) -> (Vec<Value>, String) {
+    pub fn stop(self) -> (Vec<Value>, String) {
+        let (text, log) = self.stop_raw();
+        let chunks = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect();
+        (chunks, log)
+    }
+
+    /// SIGINT, wait for a clean exit, and return stdout and the log as text.
+    pub fn stop_raw(mut self) -> (String, String) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.proc.0.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -170,18 +198,20 @@ impl Agent {
         assert!(status.success(), "agent exited with {status}:\n{log}");
         let mut text = String::new();
         fs::File::open(&self.out).and_then(|mut f| f.read_to_string(&mut text)).expect("read agent stdout");
-        let chunks = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
-            .collect();
-        (chunks, log)
+        (text, log)
     }
 }
 
-/// Value of `name=N` in the agent's final counters line.
+/// Value of `name=N` in the agent's final capture counters line.
 pub fn counter(log: &str, name: &str) -> u64 {
-    let line = log.lines().rev().find(|l| l.contains("capture stopped")).unwrap_or_else(|| panic!("no final counters in:\n{log}"));
-    let key = format!("{name}=");
+    counter_in(log, "capture stopped", name)
+}
+
+/// Value of `name=N` in the last log line containing `marker`.
+pub fn counter_in(log: &str, marker: &str, name: &str) -> u64 {
+    let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no {marker:?} line in:\n{log}"));
+    // Fields are space-separated: the space keeps `spans=` from matching `server_spans=`.
+    let key = format!(" {name}=");
     let at = line.find(&key).unwrap_or_else(|| panic!("no counter {name} in {line}"));
     line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("counter value")
 }

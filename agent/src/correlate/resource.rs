@@ -1,0 +1,182 @@
+//! Resource attributes of traced processes: who a span belongs to.
+//!
+//! `service.name` is, in order: the user's mapping for the process name
+//! (`--service-name COMM=NAME`), the process's own `OTEL_SERVICE_NAME`, a
+//! `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`, else the executable name.
+
+use std::{collections::HashMap, sync::Arc};
+
+use super::AttrValue;
+
+/// Processes whose resource is remembered (least recently made ones go first).
+const MAX_PROCESSES: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessResource {
+    pub service_name: String,
+    /// Resource attributes, `service.name` first.
+    pub attributes: Vec<(&'static str, AttrValue)>,
+    pub pid: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MappingError {
+    #[error("--service-name wants PROCESS=SERVICE, got {0:?}")]
+    Syntax(String),
+}
+
+/// Parses `--service-name` values.
+pub fn parse_mappings(values: &[String]) -> Result<HashMap<String, String>, MappingError> {
+    values
+        .iter()
+        .map(|v| match v.split_once('=') {
+            Some((c, s)) if !c.is_empty() && !s.is_empty() => Ok((c.to_string(), s.to_string())),
+            _ => Err(MappingError::Syntax(v.clone())),
+        })
+        .collect()
+}
+
+/// Value of `key` in a NUL-separated environment block.
+pub fn env_value(environ: &[u8], key: &str) -> Option<String> {
+    environ.split(|&b| b == 0).find_map(|kv| {
+        let kv = std::str::from_utf8(kv).ok()?;
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
+}
+
+/// `service.name` inside an `OTEL_RESOURCE_ATTRIBUTES` value (`k=v,k2=v2`, values percent-encoded).
+pub fn service_from_resource_attributes(v: &str) -> Option<String> {
+    v.split(',').find_map(|kv| {
+        let (k, val) = kv.split_once('=')?;
+        (k.trim() == "service.name").then(|| percent_decode(val.trim())).filter(|s| !s.is_empty())
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Builds and caches resources per pid.
+pub struct Resources {
+    mappings: HashMap<String, String>,
+    host_name: String,
+    cache: HashMap<u32, Arc<ProcessResource>>,
+    order: std::collections::VecDeque<u32>,
+}
+
+impl Resources {
+    pub fn new(mappings: HashMap<String, String>) -> Self {
+        Self { mappings, host_name: host_name(), cache: HashMap::new(), order: Default::default() }
+    }
+
+    /// Resource of `pid` (named `comm` by the kernel), read from /proc once.
+    pub fn get(&mut self, pid: u32, comm: &str) -> Arc<ProcessResource> {
+        if let Some(r) = self.cache.get(&pid) {
+            return r.clone();
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| comm.to_string());
+        let r = Arc::new(self.build(pid, comm, &exe, &environ));
+        self.cache.insert(pid, r.clone());
+        self.order.push_back(pid);
+        while self.order.len() > MAX_PROCESSES {
+            if let Some(old) = self.order.pop_front() {
+                self.cache.remove(&old);
+            }
+        }
+        r
+    }
+
+    /// Forgets a process (it exited, or its pid may be reused).
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.remove(&pid);
+    }
+
+    fn build(&self, pid: u32, comm: &str, exe: &str, environ: &[u8]) -> ProcessResource {
+        let service_name = self
+            .mappings
+            .get(comm)
+            .or_else(|| self.mappings.get(exe))
+            .cloned()
+            .or_else(|| env_value(environ, "OTEL_SERVICE_NAME").filter(|s| !s.is_empty()))
+            .or_else(|| env_value(environ, "OTEL_RESOURCE_ATTRIBUTES").and_then(|v| service_from_resource_attributes(&v)))
+            .unwrap_or_else(|| exe.to_string());
+        let s = |v: &str| AttrValue::Str(v.to_string());
+        let attributes = vec![
+            ("service.name", s(&service_name)),
+            ("process.pid", AttrValue::Int(i64::from(pid))),
+            ("process.executable.name", s(exe)),
+            ("host.name", s(&self.host_name)),
+            ("telemetry.sdk.name", s("ebpf-trace-agent")),
+            ("telemetry.sdk.language", s("rust")),
+            ("telemetry.sdk.version", s(env!("CARGO_PKG_VERSION"))),
+        ];
+        ProcessResource { service_name, attributes, pid }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_name_precedence_table() {
+        let env_both = b"A=1\0OTEL_SERVICE_NAME=checkout\0OTEL_RESOURCE_ATTRIBUTES=service.name=other\0";
+        let env_attrs = b"OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod,service.name=cart%20svc\0";
+        let env_none = b"PATH=/bin\0";
+        let mapped = parse_mappings(&["python3=frontend".into()]).unwrap();
+        let cases: [(&HashMap<String, String>, &str, &[u8], &str); 5] = [
+            (&mapped, "python3", env_both, "frontend"),
+            (&HashMap::new(), "python3", env_both, "checkout"),
+            (&HashMap::new(), "python3", env_attrs, "cart svc"),
+            (&HashMap::new(), "python3", env_none, "python3.11"),
+            (&HashMap::new(), "python3", b"", "python3.11"),
+        ];
+        for (m, comm, env, want) in cases {
+            let r = Resources::new(m.clone()).build(7, comm, "python3.11", env);
+            assert_eq!(r.service_name, want);
+            assert_eq!(r.attributes[0], ("service.name", AttrValue::Str(want.to_string())));
+            assert!(r.attributes.contains(&("process.pid", AttrValue::Int(7))));
+            assert!(r.attributes.contains(&("process.executable.name", AttrValue::Str("python3.11".to_string()))));
+        }
+    }
+
+    #[test]
+    fn mapping_syntax() {
+        assert!(parse_mappings(&["a=b".into(), "c=d=e".into()]).is_ok());
+        for bad in ["ab", "=b", "a="] {
+            assert_eq!(parse_mappings(&[bad.into()]), Err(MappingError::Syntax(bad.into())));
+        }
+    }
+
+    #[test]
+    fn reads_this_process_from_proc() {
+        let mut r = Resources::new(HashMap::new());
+        let me = r.get(std::process::id(), "agent-test");
+        assert_eq!(me.pid, std::process::id());
+        assert!(!me.service_name.is_empty());
+        assert!(me.attributes.iter().any(|(k, v)| *k == "host.name" && *v != AttrValue::Str(String::new())));
+    }
+}

@@ -1,0 +1,599 @@
+//! HTTP exchanges -> spans.
+//!
+//! Each exchange becomes a SERVER span (the traced process received the
+//! request) or a CLIENT span (it sent it). Trace ids and parents come from the
+//! context in the request headers when there is one. When the agent sees both
+//! ends of one connection on this host (the client's exchange on `A -> B` and
+//! the server's on `B -> A`, overlapping in time), they are paired: each span
+//! gets the other side's two moments as events (client send, server receive,
+//! server send, client receive), and a server span whose request carried no
+//! context joins the client span's trace as its child. Unpaired exchanges wait
+//! `pair_window` for their peer, then go out alone.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
+
+use super::{
+    context::{self, RemoteContext, SpanId, TraceId},
+    sampling::Sampler,
+    AttrValue, SpanKind, SpanRecord, Status,
+};
+use crate::{
+    capture::Role,
+    decode::{Header, HttpExchange, Outcome},
+};
+
+/// Query parameters whose values are redacted in `url.query` (the
+/// OpenTelemetry HTTP conventions' list plus common credential names).
+const SENSITIVE_QUERY_PARAMS: &[&str] = &[
+    "awsaccesskeyid",
+    "signature",
+    "sig",
+    "x-goog-signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "client_secret",
+    "auth",
+];
+const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
+/// Exchanges waiting for their peer; beyond this the oldest go out unpaired.
+const MAX_WAITING: usize = 65536;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SpanCounters {
+    /// Spans built and handed on (sampled).
+    pub spans: u64,
+    pub server_spans: u64,
+    pub client_spans: u64,
+    /// Not exported: the caller's or the ratio sampler's decision.
+    pub sampled_out: u64,
+    /// Exchanges whose end could not be told (no role): not turned into spans.
+    pub unknown_role: u64,
+    /// Client/server span pairs seen on this host.
+    pub paired: u64,
+    /// Requests carrying context, by format; and malformed context headers.
+    pub context_w3c: u64,
+    pub context_b3: u64,
+    pub context_jaeger: u64,
+    pub context_malformed: u64,
+}
+
+struct Waiting {
+    ex: HttpExchange,
+    ctx: Option<RemoteContext>,
+    kind: SpanKind,
+    /// Client (address, port) and server (address, port) of the connection.
+    key: (SocketAddr, SocketAddr),
+    deadline_ns: u64,
+    /// A lone `b3: 0`: the caller denies sampling without passing ids.
+    deny: bool,
+}
+
+pub struct SpanBuilder {
+    sampler: Sampler,
+    /// Add to kernel monotonic ns to get Unix ns.
+    epoch_offset_ns: i128,
+    pair_window_ns: u64,
+    queue: VecDeque<u64>,
+    waiting: HashMap<u64, Waiting>,
+    by_key: HashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    next_id: u64,
+    pub counters: SpanCounters,
+}
+
+impl SpanBuilder {
+    pub fn new(sampler: Sampler, epoch_offset_ns: i128, pair_window_ns: u64) -> Self {
+        Self {
+            sampler,
+            epoch_offset_ns,
+            pair_window_ns,
+            queue: VecDeque::new(),
+            waiting: HashMap::new(),
+            by_key: HashMap::new(),
+            next_id: 0,
+            counters: SpanCounters::default(),
+        }
+    }
+
+    /// Takes one exchange (`now_ns`: kernel monotonic time); appends spans that are ready.
+    pub fn push(&mut self, ex: HttpExchange, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        let kind = match ex.role {
+            Role::Server => SpanKind::Server,
+            Role::Client => SpanKind::Client,
+            Role::Unknown => {
+                self.counters.unknown_role += 1;
+                return;
+            }
+        };
+        let extracted = context::extract(&ex.request_headers);
+        self.counters.context_malformed += extracted.malformed.len() as u64;
+        if let Some(c) = &extracted.context {
+            match c.format {
+                context::Format::W3c => self.counters.context_w3c += 1,
+                context::Format::B3Single | context::Format::B3Multi => self.counters.context_b3 += 1,
+                context::Format::Jaeger => self.counters.context_jaeger += 1,
+            }
+        }
+        let key = match kind {
+            SpanKind::Client => (ex.local, ex.remote),
+            SpanKind::Server => (ex.remote, ex.local),
+        };
+        let deny = extracted.context.is_none() && header(&ex.request_headers, "b3").is_some_and(|v| v.trim() == "0");
+        let me = Waiting { ex, ctx: extracted.context, kind, key, deadline_ns: now_ns + self.pair_window_ns, deny };
+        if let Some(peer_id) = self.find_peer(&me) {
+            if let Some(peer) = self.take(peer_id) {
+                self.counters.paired += 1;
+                let (client, server) = if me.kind == SpanKind::Client { (me, peer) } else { (peer, me) };
+                self.emit_pair(client, server, out);
+                return;
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_key.entry(key).or_default().push(id);
+        self.queue.push_back(id);
+        self.waiting.insert(id, me);
+        while self.waiting.len() > MAX_WAITING {
+            match self.queue.front().copied() {
+                Some(oldest) => {
+                    self.queue.pop_front();
+                    if let Some(w) = self.take(oldest) {
+                        self.emit_alone(w, out);
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Sends out exchanges whose pairing window has passed (`now_ns`: monotonic);
+    /// with `now_ns = u64::MAX`, everything.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        while let Some(&id) = self.queue.front() {
+            match self.waiting.get(&id) {
+                Some(w) if w.deadline_ns > now_ns => break,
+                _ => {}
+            }
+            self.queue.pop_front();
+            if let Some(w) = self.take(id) {
+                self.emit_alone(w, out);
+            }
+        }
+    }
+
+    /// Exchanges waiting for a peer.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn find_peer(&self, me: &Waiting) -> Option<u64> {
+        let ids = self.by_key.get(&me.key)?;
+        ids.iter().copied().find(|id| {
+            self.waiting.get(id).is_some_and(|w| {
+                if w.kind == me.kind {
+                    return false;
+                }
+                let (c, s) = if me.kind == SpanKind::Client { (&me.ex, &w.ex) } else { (&w.ex, &me.ex) };
+                // Causality on one clock: the server read the request after the
+                // client began sending it, and before the client finished.
+                s.request_first_ns >= c.request_first_ns && s.request_first_ns <= end_ns(c)
+            })
+        })
+    }
+
+    fn take(&mut self, id: u64) -> Option<Waiting> {
+        let w = self.waiting.remove(&id)?;
+        if let Some(ids) = self.by_key.get_mut(&w.key) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.by_key.remove(&w.key);
+            }
+        }
+        Some(w)
+    }
+
+    fn unix(&self, mono: u64) -> u64 {
+        (mono as i128 + self.epoch_offset_ns).max(0) as u64
+    }
+
+    /// Ids and sampling of a span from the request's context (or a new trace).
+    fn ids(&mut self, w: &Waiting) -> (TraceId, Option<SpanId>, bool) {
+        let (trace_id, parent) = match &w.ctx {
+            Some(c) => (c.trace_id, Some(c.span_id)),
+            None => (TraceId::random(), None),
+        };
+        (trace_id, parent, !w.deny && self.sampler.should_sample(trace_id, w.ctx.as_ref()))
+    }
+
+    fn emit_alone(&mut self, w: Waiting, out: &mut Vec<SpanRecord>) {
+        let (trace_id, parent, sampled) = self.ids(&w);
+        self.finish(&w, trace_id, parent, sampled, Vec::new(), out);
+    }
+
+    fn emit_pair(&mut self, client: Waiting, server: Waiting, out: &mut Vec<SpanRecord>) {
+        let (trace_id, parent, sampled) = self.ids(&client);
+        let client_span = SpanId::random();
+        let c_events = vec![
+            ("server_receive", self.unix(server.ex.request_first_ns)),
+            ("server_send", self.unix(end_ns(&server.ex))),
+        ];
+        let s_events = vec![
+            ("client_send", self.unix(client.ex.request_first_ns)),
+            ("client_receive", self.unix(end_ns(&client.ex))),
+        ];
+        self.finish_with_id(&client, trace_id, parent, client_span, sampled, c_events, out);
+        // The server continues the request's own context when it has one (the
+        // same bytes crossed the connection); otherwise the client span is its parent.
+        let (s_trace, s_parent, s_sampled) = match &server.ctx {
+            Some(_) => self.ids(&server),
+            None => (trace_id, Some(client_span), sampled),
+        };
+        self.finish(&server, s_trace, s_parent, s_sampled, s_events, out);
+    }
+
+    fn finish(
+        &mut self,
+        w: &Waiting,
+        trace_id: TraceId,
+        parent: Option<SpanId>,
+        sampled: bool,
+        events: Vec<(&'static str, u64)>,
+        out: &mut Vec<SpanRecord>,
+    ) {
+        self.finish_with_id(w, trace_id, parent, SpanId::random(), sampled, events, out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_with_id(
+        &mut self,
+        w: &Waiting,
+        trace_id: TraceId,
+        parent: Option<SpanId>,
+        span_id: SpanId,
+        sampled: bool,
+        mut events: Vec<(&'static str, u64)>,
+        out: &mut Vec<SpanRecord>,
+    ) {
+        if !sampled {
+            self.counters.sampled_out += 1;
+            return;
+        }
+        let ex = &w.ex;
+        let start_ns = self.unix(ex.request_first_ns);
+        let end = self.unix(end_ns(ex)).max(start_ns);
+        events.sort_by_key(|e| e.1);
+        let method = normalize_method(&ex.method);
+        let path = url_path(&ex.target);
+        let name = format!("{} {}", if method == "_OTHER" { "HTTP" } else { method }, path);
+        let status = span_status(w.kind, ex);
+        let flags = w.ctx.as_ref().map_or(1, |c| c.trace_flags | 1);
+        let span = SpanRecord {
+            trace_id,
+            span_id,
+            parent_span_id: parent,
+            remote_parent: parent.is_some() && w.ctx.is_some(),
+            trace_state: w.ctx.as_ref().and_then(|c| c.trace_state.clone()),
+            flags,
+            name,
+            kind: w.kind,
+            start_ns,
+            end_ns: end,
+            attributes: attributes(w.kind, ex, method, &path),
+            events,
+            status,
+            pid: ex.pid,
+            comm: ex.comm.clone(),
+        };
+        self.counters.spans += 1;
+        match w.kind {
+            SpanKind::Server => self.counters.server_spans += 1,
+            SpanKind::Client => self.counters.client_spans += 1,
+        }
+        out.push(span);
+    }
+}
+
+/// The last moment of an exchange this end saw.
+fn end_ns(ex: &HttpExchange) -> u64 {
+    ex.response_last_ns.or(ex.response_first_ns).unwrap_or(ex.request_last_ns).max(ex.request_first_ns)
+}
+
+fn header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+}
+
+fn normalize_method(m: &str) -> &str {
+    KNOWN_METHODS.iter().copied().find(|k| *k == m).unwrap_or("_OTHER")
+}
+
+/// Path of a request-target (origin or absolute form), without the query.
+pub fn url_path(target: &str) -> String {
+    let rest = match target.find("://") {
+        Some(i) => {
+            let after = &target[i + 3..];
+            after.find('/').map_or("/", |j| &after[j..])
+        }
+        None => target,
+    };
+    let path = rest.split(['?', '#']).next().unwrap_or("");
+    if path.is_empty() { "/".to_string() } else { path.to_string() }
+}
+
+/// Query of a request-target with the values of sensitive parameters replaced.
+pub fn redacted_query(target: &str) -> Option<String> {
+    let q = target.split_once('?')?.1;
+    let q = q.split('#').next().unwrap_or("");
+    let parts: Vec<String> = q
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if SENSITIVE_QUERY_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(k)) => format!("{k}=REDACTED"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    Some(parts.join("&"))
+}
+
+/// Host and port of a Host header value (`name`, `name:port`, `[v6]:port`).
+fn parse_host(v: &str) -> Option<(String, Option<u16>)> {
+    let v = v.trim();
+    if v.is_empty() {
+        return None;
+    }
+    if let Some(rest) = v.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
+        return Some((host.to_string(), port));
+    }
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_string(), p.parse().ok())),
+        _ => Some((v.to_string(), None)),
+    }
+}
+
+fn span_status(kind: SpanKind, ex: &HttpExchange) -> Status {
+    if ex.outcome == Outcome::Aborted {
+        return Status::Error("connection closed before the response completed".into());
+    }
+    match ex.status {
+        Some(s) if s >= 500 => Status::Error(format!("HTTP {s}")),
+        Some(s) if s >= 400 && kind == SpanKind::Client => Status::Error(format!("HTTP {s}")),
+        _ => Status::Unset,
+    }
+}
+
+fn attributes(kind: SpanKind, ex: &HttpExchange, method: &str, path: &str) -> Vec<(&'static str, AttrValue)> {
+    use AttrValue::{Int, Str};
+    let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(20);
+    a.push(("http.request.method", Str(method.to_string())));
+    if method == "_OTHER" {
+        a.push(("http.request.method_original", Str(ex.method.clone())));
+    }
+    a.push(("url.path", Str(path.to_string())));
+    if let Some(q) = redacted_query(&ex.target) {
+        a.push(("url.query", Str(q)));
+    }
+    a.push(("url.scheme", Str("http".into())));
+    if let Some(s) = ex.status {
+        a.push(("http.response.status_code", Int(i64::from(s))));
+    }
+    let (fallback, peer) = match kind {
+        SpanKind::Client => (ex.remote, ex.remote),
+        SpanKind::Server => (ex.local, ex.remote),
+    };
+    let host = header(&ex.request_headers, "host").and_then(parse_host);
+    let (server_address, server_port) = match host {
+        Some((h, p)) => (h, p.unwrap_or(fallback.port())),
+        None => (fallback.ip().to_string(), fallback.port()),
+    };
+    a.push(("server.address", Str(server_address)));
+    a.push(("server.port", Int(i64::from(server_port))));
+    if kind == SpanKind::Server {
+        let forwarded = header(&ex.request_headers, "x-forwarded-for")
+            .and_then(|v| v.split(',').next())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        match forwarded {
+            Some(f) => a.push(("client.address", Str(f))),
+            None => {
+                a.push(("client.address", Str(peer.ip().to_string())));
+                a.push(("client.port", Int(i64::from(peer.port()))));
+            }
+        }
+    }
+    a.push(("network.peer.address", Str(peer.ip().to_string())));
+    a.push(("network.peer.port", Int(i64::from(peer.port()))));
+    a.push(("network.protocol.name", Str("http".into())));
+    a.push(("network.protocol.version", Str(format!("1.{}", ex.version_minor))));
+    if let Some(ua) = header(&ex.request_headers, "user-agent") {
+        a.push(("user_agent.original", Str(ua.to_string())));
+    }
+    a.push(("http.request.body.size", Int(ex.request_body_bytes as i64)));
+    a.push(("http.response.body.size", Int(ex.response_body_bytes as i64)));
+    a.push(("thread.id", Int(i64::from(ex.tid))));
+    match (&ex.outcome, ex.status) {
+        (Outcome::Aborted, _) => a.push(("error.type", Str("aborted".into()))),
+        (_, Some(s)) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => a.push(("error.type", Str(s.to_string()))),
+        (Outcome::Upgraded { protocol }, _) => a.push(("network.protocol.upgrade", Str(protocol.clone()))),
+        _ => {}
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::ConnId;
+
+    fn ex(role: Role, local: &str, remote: &str, headers: &[(&str, &str)], t: (u64, u64, u64, u64)) -> HttpExchange {
+        HttpExchange {
+            conn: ConnId { sock: 1, start_ns: 1 },
+            pid: 10,
+            tid: 11,
+            comm: "svc".into(),
+            role,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            method: "GET".into(),
+            target: "/a/b?x=1&token=abc".into(),
+            version_minor: 1,
+            request_headers: headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect(),
+            status: Some(200),
+            response_headers: vec![],
+            request_body_bytes: 0,
+            response_body_bytes: 5,
+            request_first_ns: t.0,
+            request_last_ns: t.1,
+            response_first_ns: Some(t.2),
+            response_last_ns: Some(t.3),
+            outcome: Outcome::Complete,
+        }
+    }
+
+    const T: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const S: &str = "00f067aa0ba902b7";
+
+    fn builder() -> SpanBuilder {
+        SpanBuilder::new(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)), 1_000, 100)
+    }
+
+    #[test]
+    fn server_span_continues_w3c_context_with_semconv_attributes() {
+        let mut b = builder();
+        let mut out = vec![];
+        let tp = format!("00-{T}-{S}-01");
+        let e = ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[("traceparent", &tp), ("host", "example:8080"), ("user-agent", "curl/8")], (100, 110, 150, 160));
+        b.push(e, 0, &mut out);
+        b.flush(u64::MAX, &mut out);
+        assert_eq!(out.len(), 1);
+        let s = &out[0];
+        assert_eq!(s.trace_id.to_hex(), T);
+        assert_eq!(s.parent_span_id.map(|p| p.to_hex()), Some(S.to_string()));
+        assert_eq!(s.kind, SpanKind::Server);
+        assert_eq!(s.name, "GET /a/b");
+        assert_eq!((s.start_ns, s.end_ns), (1_100, 1_160));
+        let want: [(&str, AttrValue); 10] = [
+            ("http.request.method", AttrValue::Str("GET".into())),
+            ("url.path", AttrValue::Str("/a/b".into())),
+            ("url.query", AttrValue::Str("x=1&token=REDACTED".into())),
+            ("http.response.status_code", AttrValue::Int(200)),
+            ("server.address", AttrValue::Str("example".into())),
+            ("server.port", AttrValue::Int(8080)),
+            ("client.address", AttrValue::Str("127.0.0.1".into())),
+            ("client.port", AttrValue::Int(50000)),
+            ("network.protocol.version", AttrValue::Str("1.1".into())),
+            ("user_agent.original", AttrValue::Str("curl/8".into())),
+        ];
+        for (k, v) in want {
+            assert_eq!(s.attr(k), Some(&v), "{k}");
+        }
+        assert_eq!(s.status, Status::Unset);
+        assert_eq!(b.counters.context_w3c, 1);
+    }
+
+    #[test]
+    fn both_ends_on_one_host_are_paired_and_stitched_without_context() {
+        let mut b = builder();
+        let mut out = vec![];
+        // The server's exchange completes first, then the client's.
+        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[], (110, 111, 140, 141)), 0, &mut out);
+        assert!(out.is_empty(), "waits for its peer");
+        b.push(ex(Role::Client, "127.0.0.1:50000", "127.0.0.1:8080", &[], (100, 101, 145, 150)), 0, &mut out);
+        assert_eq!(out.len(), 2);
+        let (c, s) = (&out[0], &out[1]);
+        assert_eq!((c.kind, s.kind), (SpanKind::Client, SpanKind::Server));
+        assert_eq!(c.trace_id, s.trace_id);
+        assert_eq!(s.parent_span_id, Some(c.span_id));
+        assert_eq!(c.parent_span_id, None);
+        assert_eq!(c.events, vec![("server_receive", 1_110), ("server_send", 1_141)]);
+        assert_eq!(s.events, vec![("client_send", 1_100), ("client_receive", 1_150)]);
+        assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns, "client contains server");
+        assert_eq!(b.counters.paired, 1);
+        assert_eq!(b.waiting(), 0);
+    }
+
+    #[test]
+    fn paired_spans_with_context_keep_the_callers_parent() {
+        let mut b = builder();
+        let mut out = vec![];
+        let h = [("x-b3-traceid", T), ("x-b3-spanid", S), ("x-b3-sampled", "1")];
+        b.push(ex(Role::Client, "127.0.0.1:50000", "127.0.0.1:8080", &h, (100, 101, 145, 150)), 0, &mut out);
+        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &h, (110, 111, 140, 141)), 0, &mut out);
+        assert_eq!(out.len(), 2);
+        for s in &out {
+            assert_eq!(s.trace_id.to_hex(), T);
+            assert_eq!(s.parent_span_id.map(|p| p.to_hex()), Some(S.to_string()));
+        }
+    }
+
+    #[test]
+    fn unpaired_exchanges_wait_the_window_then_go_alone() {
+        let mut b = builder();
+        let mut out = vec![];
+        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[], (110, 111, 140, 141)), 1_000, &mut out);
+        // A client on another connection does not pair.
+        b.push(ex(Role::Client, "127.0.0.1:50001", "127.0.0.1:8080", &[], (100, 101, 145, 150)), 1_000, &mut out);
+        b.flush(1_099, &mut out);
+        assert!(out.is_empty());
+        b.flush(1_100, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_ne!(out[0].trace_id, out[1].trace_id);
+        assert_eq!(b.counters.paired, 0);
+    }
+
+    #[test]
+    fn status_and_sampling_table() {
+        // (role, status, outcome, headers, want exported, want error)
+        let deny = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")];
+        let cases: Vec<(Role, Option<u16>, Outcome, &[(&str, &str)], bool, bool)> = vec![
+            (Role::Server, Some(200), Outcome::Complete, &[], true, false),
+            (Role::Server, Some(404), Outcome::Complete, &[], true, false),
+            (Role::Client, Some(404), Outcome::Complete, &[], true, true),
+            (Role::Server, Some(503), Outcome::Complete, &[], true, true),
+            (Role::Client, None, Outcome::Aborted, &[], true, true),
+            (Role::Server, Some(200), Outcome::Complete, &deny, false, false),
+            (Role::Server, Some(200), Outcome::Complete, &[("b3", "0")], false, false),
+            (Role::Server, Some(200), Outcome::Complete, &[("b3", "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0")], false, false),
+        ];
+        for (i, (role, status, outcome, headers, exported, error)) in cases.into_iter().enumerate() {
+            let mut b = builder();
+            let mut out = vec![];
+            let mut e = ex(role, "127.0.0.1:1", "127.0.0.1:2", headers, (1, 2, 3, 4));
+            e.status = status;
+            e.outcome = outcome;
+            b.push(e, 0, &mut out);
+            b.flush(u64::MAX, &mut out);
+            assert_eq!(out.len(), usize::from(exported), "case {i}");
+            if let Some(s) = out.first() {
+                assert_eq!(matches!(s.status, Status::Error(_)), error, "case {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn url_helpers() {
+        let paths = [("/a?b=1", "/a"), ("/", "/"), ("http://h:1/x/y?z", "/x/y"), ("http://h", "/"), ("*", "*"), ("/p#f", "/p")];
+        for (t, want) in paths {
+            assert_eq!(url_path(t), want, "{t}");
+        }
+        assert_eq!(redacted_query("/a?b=1&Signature=s&sig=x&c"), Some("b=1&Signature=REDACTED&sig=REDACTED&c".into()));
+        assert_eq!(redacted_query("/a"), None);
+        assert_eq!(parse_host("[::1]:8080"), Some(("::1".into(), Some(8080))));
+        assert_eq!(parse_host("h"), Some(("h".into(), None)));
+        assert_eq!(parse_host("h:81"), Some(("h".into(), Some(81))));
+        assert_eq!(normalize_method("FOO"), "_OTHER");
+    }
+}

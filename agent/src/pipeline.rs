@@ -1,0 +1,273 @@
+//! The agent's main job: capture -> decode -> correlate -> export.
+//!
+//! Capture drains the ring buffer on its own thread and hands ordered chunks
+//! over a bounded queue; this thread decodes HTTP/1, builds spans and feeds
+//! the sink (the OTLP exporter's bounded queue, or the console). Every stage
+//! counts what it drops; the counters are logged periodically and at exit.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    sync::{
+        atomic::AtomicBool,
+        mpsc, Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::{self, Capture, CaptureConfig, Chunk, ChunkKind},
+    console::TreePrinter,
+    correlate::{
+        resource::{ProcessResource, Resources},
+        sampling::Sampler,
+        spans::SpanBuilder,
+        SpanRecord,
+    },
+    decode::{Http1Decoder, Limits},
+    export::{
+        convert, json,
+        otlp::{ExportCounters, OtlpConfig, OtlpExporter},
+        proto::opentelemetry::proto::resource::v1::Resource,
+    },
+};
+
+/// Batches in flight between the drain thread and the pipeline.
+const QUEUE_BATCHES: usize = 1024;
+/// Connections with no traffic for this long are forgotten by the decoder.
+const IDLE_CONN: Duration = Duration::from_secs(300);
+/// A console trace is printed once no span joined it for this long.
+const CONSOLE_QUIET: Duration = Duration::from_secs(1);
+/// Time given to the exporter to flush at exit.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+    #[error("starting the OTLP exporter: {0}")]
+    Export(#[from] crate::export::otlp::ExportError),
+    #[error("spawning the drain thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the drain thread panicked")]
+    DrainPanicked,
+}
+
+/// Where finished spans go.
+pub enum SinkConfig {
+    Otlp(OtlpConfig),
+    ConsoleTree,
+    ConsoleJson,
+}
+
+pub struct TraceOptions {
+    pub capture: CaptureConfig,
+    pub sampler: Sampler,
+    pub sink: SinkConfig,
+    pub service_names: HashMap<String, String>,
+    pub pair_window: Duration,
+    pub stats_every: Option<Duration>,
+}
+
+enum Sink {
+    Otlp { exporter: OtlpExporter, resources: HashMap<u32, (Arc<ProcessResource>, Arc<Resource>)> },
+    Tree(TreePrinter),
+    Json,
+}
+
+impl Sink {
+    fn span(&mut self, span: SpanRecord, res: Arc<ProcessResource>, out: &mut impl Write) {
+        match self {
+            Self::Otlp { exporter, resources } => {
+                let proto_res = match resources.get(&span.pid) {
+                    Some((r, p)) if Arc::ptr_eq(r, &res) => p.clone(),
+                    _ => {
+                        let p = Arc::new(convert::resource(&res));
+                        resources.insert(span.pid, (res, p.clone()));
+                        p
+                    }
+                };
+                exporter.send(proto_res, convert::span(&span));
+            }
+            Self::Tree(t) => {
+                let _ = t.push(span, res, out);
+            }
+            Self::Json => {
+                let line = json::span_to_otlp_json(&convert::resource(&res), &convert::span(&span));
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+
+    fn tick(&mut self, out: &mut impl Write) {
+        match self {
+            Self::Tree(t) => {
+                let _ = t.flush(Some(Instant::now()), out);
+            }
+            Self::Json => {
+                let _ = out.flush();
+            }
+            Self::Otlp { .. } => {}
+        }
+    }
+
+    fn counters(&self) -> ExportCounters {
+        match self {
+            Self::Otlp { exporter, .. } => exporter.counters(),
+            _ => ExportCounters::default(),
+        }
+    }
+
+    fn finish(self, out: &mut impl Write) -> ExportCounters {
+        match self {
+            Self::Otlp { exporter, .. } => exporter.shutdown(Instant::now() + SHUTDOWN_FLUSH),
+            Self::Tree(mut t) => {
+                let _ = t.flush(None, out);
+                ExportCounters::default()
+            }
+            Self::Json => {
+                let _ = out.flush();
+                ExportCounters::default()
+            }
+        }
+    }
+}
+
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs until `stop` is set; flushes everything finished before returning.
+pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), PipelineError> {
+    let mut sink = match opts.sink {
+        SinkConfig::Otlp(cfg) => {
+            tracing::info!(endpoint = %cfg.traces_url, "exporting spans over OTLP/HTTP");
+            Sink::Otlp { exporter: OtlpExporter::start(cfg)?, resources: HashMap::new() }
+        }
+        SinkConfig::ConsoleTree => Sink::Tree(TreePrinter::new(CONSOLE_QUIET)),
+        SinkConfig::ConsoleJson => Sink::Json,
+    };
+    let cap = Capture::start(&opts.capture)?;
+    let (tx, rx) = mpsc::sync_channel::<Vec<Chunk>>(QUEUE_BATCHES);
+    let drain_stop = stop.clone();
+    let interval = opts.capture.drain_interval;
+    let drainer = thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, None))
+        .map_err(PipelineError::Thread)?;
+
+    let offset = capture::monotonic_to_unix_offset_ns();
+    let mut decoder = Http1Decoder::new(Limits::default());
+    let mut builder = SpanBuilder::new(opts.sampler, offset, opts.pair_window.as_nanos() as u64);
+    let mut resources = Resources::new(opts.service_names);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut exchanges = Vec::new();
+    let mut spans = Vec::new();
+    let mut stats = Stats::default();
+    let mut last_stats = Instant::now();
+    let mut last_tick = Instant::now();
+
+
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(batch) => {
+                for chunk in &batch {
+                    stats.chunks += 1;
+                    stats.bytes += chunk.payload.len() as u64;
+                    decoder.push(chunk, &mut exchanges);
+                    if chunk.kind == ChunkKind::Close {
+                        stats.closes += 1;
+                    }
+                }
+                let now = monotonic_now_ns();
+                for ex in exchanges.drain(..) {
+                    builder.push(ex, now, &mut spans);
+                }
+                deliver(&mut spans, &mut sink, &mut resources, &mut out);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if last_tick.elapsed() >= Duration::from_millis(100) {
+            let now = monotonic_now_ns();
+            builder.flush(now, &mut spans);
+            decoder.expire(now, IDLE_CONN.as_nanos() as u64, &mut exchanges);
+            for ex in exchanges.drain(..) {
+                builder.push(ex, now, &mut spans);
+            }
+            deliver(&mut spans, &mut sink, &mut resources, &mut out);
+            sink.tick(&mut out);
+            last_tick = Instant::now();
+        }
+        if opts.stats_every.is_some_and(|every| last_stats.elapsed() >= every) {
+            stats.log("pipeline counters", &decoder, &builder, sink.counters());
+            last_stats = Instant::now();
+        }
+    }
+    // Everything finished is flushed: pending pairs go out alone.
+    builder.flush(u64::MAX, &mut spans);
+    deliver(&mut spans, &mut sink, &mut resources, &mut out);
+    let (kernel, user) = drainer.join().map_err(|_| PipelineError::DrainPanicked)?;
+    let export = sink.finish(&mut out);
+    let _ = out.flush();
+    tracing::info!(%kernel, %user, "capture stopped");
+    stats.log("agent stopped", &decoder, &builder, export);
+    Ok(())
+}
+
+/// Hands finished spans, with their process's resource, to the sink.
+fn deliver(spans: &mut Vec<SpanRecord>, sink: &mut Sink, resources: &mut Resources, out: &mut impl Write) {
+    for s in spans.drain(..) {
+        let res = resources.get(s.pid, &s.comm);
+        sink.span(s, res, out);
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    chunks: u64,
+    bytes: u64,
+    closes: u64,
+}
+
+impl Stats {
+    fn log(&self, what: &str, decoder: &Http1Decoder, builder: &SpanBuilder, export: ExportCounters) {
+        let d = decoder.counters();
+        let s = builder.counters;
+        tracing::info!(
+            chunks = self.chunks,
+            bytes = self.bytes,
+            closes = self.closes,
+            exchanges = d.exchanges,
+            non_http_connections = d.non_http_connections,
+            http2_connections = d.http2_connections,
+            parse_errors = d.parse_errors,
+            resyncs = d.resyncs,
+            holes_skipped = d.holes_skipped,
+            lost_framing = d.lost_framing,
+            oversized_heads = d.oversized_heads,
+            dropped_connections = d.dropped_connections,
+            orphan_responses = d.orphan_responses,
+            spans = s.spans,
+            server_spans = s.server_spans,
+            client_spans = s.client_spans,
+            paired = s.paired,
+            sampled_out = s.sampled_out,
+            unknown_role = s.unknown_role,
+            context_w3c = s.context_w3c,
+            context_b3 = s.context_b3,
+            context_jaeger = s.context_jaeger,
+            context_malformed = s.context_malformed,
+            spans_exported = export.spans_exported,
+            spans_dropped_queue_full = export.spans_dropped_queue_full,
+            spans_dropped_failed = export.spans_dropped_failed,
+            export_retries = export.retries,
+            "{what}"
+        );
+    }
+}
