@@ -147,7 +147,9 @@ mod tests {
         let env_attrs = b"OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod,service.name=cart%20svc\0";
         let env_none = b"PATH=/bin\0";
         let mapped = parse_mappings(&["python3=frontend".into()]).unwrap();
-        let cases: [(&HashMap<String, String>, &str, &[u8], &str); 5] = [
+        // (mappings, comm, environ, expected service name)
+        type Case<'a> = (&'a HashMap<String, String>, &'a str, &'a [u8], &'a str);
+        let cases: [Case<'_>; 5] = [
             (&mapped, "python3", env_both, "frontend"),
             (&HashMap::new(), "python3", env_both, "checkout"),
             (&HashMap::new(), "python3", env_attrs, "cart svc"),

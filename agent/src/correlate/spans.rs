@@ -558,7 +558,8 @@ mod tests {
     fn status_and_sampling_table() {
         // (role, status, outcome, headers, want exported, want error)
         let deny = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")];
-        let cases: Vec<(Role, Option<u16>, Outcome, &[(&str, &str)], bool, bool)> = vec![
+        type Case<'a> = (Role, Option<u16>, Outcome, &'a [(&'a str, &'a str)], bool, bool);
+        let cases: Vec<Case<'_>> = vec![
             (Role::Server, Some(200), Outcome::Complete, &[], true, false),
             (Role::Server, Some(404), Outcome::Complete, &[], true, false),
             (Role::Client, Some(404), Outcome::Complete, &[], true, true),

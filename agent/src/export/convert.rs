@@ -16,7 +16,7 @@ fn kv(key: &str, v: &AttrValue) -> KeyValue {
         AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
     };
-    KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }) }
 }
 
 pub fn resource(r: &ProcessResource) -> Resource {
@@ -48,7 +48,7 @@ pub fn span(s: &SpanRecord) -> Span {
             .iter()
             .map(|(name, t)| span::Event { time_unix_nano: *t, name: name.to_string(), ..Default::default() })
             .collect(),
-        status: Some(Status { code: code as i32, message, ..Default::default() }),
+        status: Some(Status { code: code as i32, message }),
         ..Default::default()
     }
 }
