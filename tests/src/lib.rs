@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod otlp_receiver;
+
 /// True when the test may run; prints the reason and returns false to skip.
 pub fn require_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.

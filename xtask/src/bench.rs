@@ -2,10 +2,12 @@
 //!
 //! nginx (one worker) serves a small file to wrk over keep-alive connections,
 //! alternately without the agent and with it in each mode, in one run so that
-//! all see the same machine noise. Modes: `summary` (capture, decode and
-//! per-connection accounting: the capture pipeline's own cost) and `json`
-//! (`agent dump` printing every chunk). Prints requests/s, ratios, the agent's
-//! CPU seconds per 100,000 requests, and every drop counter.
+//! all see the same machine noise. Modes: capture alone (`dump --format
+//! summary`: kernel capture, ordering and per-connection accounting), and the
+//! full job (`trace`: HTTP decoding, spans, OTLP export to a real receiver,
+//! otelite, on this host), tracing every process or nginx alone. Prints
+//! requests/s, ratios, the agent's CPU seconds per 100,000 requests, spans
+//! made and exported, and every drop counter.
 
 use std::{
     fs,
@@ -126,11 +128,36 @@ struct AgentRun {
     err: std::path::PathBuf,
 }
 
-fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[&str]) -> Result<AgentRun> {
+/// otelite (the pinned OTLP receiver `cargo xtask setup` installs) on loopback;
+/// returns it and its OTLP/HTTP base endpoint.
+fn start_receiver(dir: &Path) -> Result<(Killed, String)> {
+    let (api, otlp, grpc) = (free_port()?, free_port()?, free_port()?);
+    let data = dir.join("otelite");
+    fs::create_dir_all(&data)?;
+    let child = Command::new("otelite")
+        .args(["serve", "--no-color", "--addr", &format!("127.0.0.1:{api}"), "--storage-path"])
+        .arg(&data)
+        .env("OTELITE_OTLP_HTTP_PORT", otlp.to_string())
+        .env("OTELITE_OTLP_GRPC_PORT", grpc.to_string())
+        .env("OTELITE_DATA_DIR", &data)
+        .env("OTELITE_AUTO_PURGE_ENABLED", "false")
+        .env("HOME", &data)
+        // otelite fetches a pricing file at start; there is no network here.
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning otelite (installed by cargo xtask setup)")?;
+    let k = Killed(child);
+    wait_port(otlp)?;
+    Ok((k, format!("http://127.0.0.1:{otlp}")))
+}
+
+fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[String]) -> Result<AgentRun> {
     let err = dir.join(format!("agent-{round}-{mode}.log"));
     let child = Command::new(agent)
-        .args(["dump", "--stats-interval-s", "0"])
         .args(args)
+        .args(["--stats-interval-s", "0"])
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&err)?)
@@ -147,17 +174,19 @@ fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[&str])
     Ok(run)
 }
 
-/// Stops the agent; returns its final counter line.
+/// Stops the agent; returns its log.
 fn stop_agent(mut run: AgentRun) -> Result<String> {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(run.proc.0.id() as i32, libc::SIGINT) };
     run.proc.0.wait()?;
-    let log = fs::read_to_string(&run.err)?;
-    Ok(log.lines().rev().find(|l| l.contains("capture stopped")).unwrap_or("").to_string())
+    Ok(fs::read_to_string(&run.err)?)
 }
 
-fn counter(line: &str, name: &str) -> u64 {
-    let key = format!("{name}=");
+/// `name=N` from the last log line containing `marker` (0 when absent).
+fn counter(log: &str, marker: &str, name: &str) -> u64 {
+    let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or("");
+    // Fields are space-separated: the space keeps `spans=` from matching `server_spans=`.
+    let key = format!(" {name}=");
     line.find(&key)
         .map(|at| line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>())
         .and_then(|v| v.parse().ok())
@@ -171,11 +200,24 @@ struct Mode {
     cpu_s: f64,
     requests: f64,
     events: u64,
+    spans: u64,
+    exported: u64,
     drops: Vec<u64>,
 }
 
-const DROP_NAMES: [&str; 7] =
-    ["ringbuf_full", "args_full", "conn_full", "read_fault", "queue_full_chunks", "seq_gaps", "decode_errors"];
+/// (log line marker, counter) of every drop the agent counts.
+const DROPS: [(&str, &str); 10] = [
+    ("capture stopped", "ringbuf_full"),
+    ("capture stopped", "args_full"),
+    ("capture stopped", "conn_full"),
+    ("capture stopped", "read_fault"),
+    ("capture stopped", "queue_full_chunks"),
+    ("capture stopped", "seq_gaps"),
+    ("capture stopped", "decode_errors"),
+    ("agent stopped", "spans_dropped_queue_full"),
+    ("agent stopped", "spans_dropped_failed"),
+    ("agent stopped", "dropped_connections"),
+];
 
 pub fn run(which: Which, agent: &Path) -> Result<()> {
     let Which::Overhead { rounds, seconds, connections } = which;
@@ -183,19 +225,21 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
     let port = free_port()?;
     let _nginx = start_nginx(dir.path(), port)?;
     wrk(port, 1, connections)?; // warm-up
+    let (_receiver, endpoint) = start_receiver(dir.path())?;
     // (label, agent arguments). wrk runs on the same host, so by default the
     // agent traces the load generator too; `--comm nginx` traces the server
     // alone, as on a host where the clients are elsewhere.
-    let formats: [(&str, &[&str]); 3] = [
-        ("summary, all processes", &["--format", "summary"]),
-        ("summary, --comm nginx", &["--format", "summary", "--comm", "nginx"]),
-        ("json, all processes", &["--format", "json"]),
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    let formats: [(&str, Vec<String>); 3] = [
+        ("capture only, all processes", args(&["dump", "--format", "summary"])),
+        ("trace+OTLP, all processes", args(&["trace", "--otlp-endpoint", &endpoint])),
+        ("trace+OTLP, --comm nginx", args(&["trace", "--otlp-endpoint", &endpoint, "--comm", "nginx"])),
     ];
     let mut without = Vec::new();
-    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROP_NAMES.len()], ..Mode::default() }).collect();
+    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
     for round in 0..rounds {
         let (rps, _) = wrk(port, seconds, connections)?;
-        println!("round {round}: without agent {:<20} {rps:>10.0} req/s", "");
+        println!("round {round}: without agent {:<25} {rps:>10.0} req/s", "");
         without.push(rps);
         for (i, ((format, args), mode)) in formats.iter().zip(modes.iter_mut()).enumerate() {
             let a = start_agent(agent, dir.path(), round, i, args)?;
@@ -204,12 +248,14 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
             let (rps, reqs) = wrk(port, seconds, connections)?;
             mode.cpu_s += cpu_seconds(pid)? - before;
             mode.requests += reqs;
-            let line = stop_agent(a)?;
-            println!("round {round}: agent ({format:<23}) {rps:>10.0} req/s");
+            let log = stop_agent(a)?;
+            println!("round {round}: agent ({format:<28}) {rps:>10.0} req/s");
             mode.rps.push(rps);
-            mode.events += counter(&line, "events");
-            for (d, name) in mode.drops.iter_mut().zip(DROP_NAMES) {
-                *d += counter(&line, name);
+            mode.events += counter(&log, "capture stopped", "events");
+            mode.spans += counter(&log, "agent stopped", "spans");
+            mode.exported += counter(&log, "agent stopped", "spans_exported");
+            for (d, (marker, name)) in mode.drops.iter_mut().zip(DROPS) {
+                *d += counter(&log, marker, name);
             }
         }
     }
@@ -224,7 +270,8 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
         println!("ratio with/without              : {:.3}", rps / base);
         println!("agent CPU s / 100k requests     : {:.3}", m.cpu_s / (m.requests / 100_000.0));
         println!("kernel events                   : {}", m.events);
-        let drops: Vec<String> = DROP_NAMES.iter().zip(&m.drops).map(|(n, d)| format!("{n}={d}")).collect();
+        println!("spans made / exported           : {} / {}", m.spans, m.exported);
+        let drops: Vec<String> = DROPS.iter().zip(&m.drops).map(|((_, n), d)| format!("{n}={d}")).collect();
         println!("drops                           : {}", drops.join(" "));
     }
     Ok(())

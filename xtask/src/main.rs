@@ -19,6 +19,9 @@ const BPF_TOOLCHAIN: &str = "bpf-web";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The real OTLP receiver the integration tests export to (crates.io, pinned).
+const OTLP_RECEIVER: &str = "otelite";
+const OTLP_RECEIVER_VERSION: &str = "0.1.156";
 /// Debian packages: the kernel-crate toolchain, and the third-party programs
 /// the integration tests and benchmarks drive.
 const APT_PACKAGES: &[&str] = &[
@@ -34,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "iproute2",
     "procps",
+    "build-essential",
+    "pkg-config",
+    "libssl-dev",
 ];
 
 #[derive(Parser)]
@@ -143,6 +149,13 @@ fn setup() -> Result<()> {
             .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    // `--version` prints `otelite 0.1.156 (<git sha or unknown>)`.
+    let receiver_ok = output(Command::new(OTLP_RECEIVER).arg("--version"))
+        .is_some_and(|v| v.starts_with(&format!("{OTLP_RECEIVER} {OTLP_RECEIVER_VERSION} ")));
+    if !receiver_ok {
+        eprintln!("xtask: installing {OTLP_RECEIVER} {OTLP_RECEIVER_VERSION} (OTLP receiver for the integration tests; ~10 min)");
+        run(Command::new("cargo").args(["install", OTLP_RECEIVER, "--locked", "--version", &format!("={OTLP_RECEIVER_VERSION}")]))?;
     }
     Ok(())
 }

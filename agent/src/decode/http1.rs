@@ -118,9 +118,12 @@ fn role_for(side: Side, dir: Direction) -> Role {
     }
 }
 
-/// Timestamp rule: a send is "on the wire" from syscall entry, a receive only
-/// once the data is in the process at syscall exit.
-fn first_ns(chunk: &Chunk) -> u64 {
+/// Timestamp rule, for the first and the last bytes of a message alike: bytes
+/// sent are handed to the kernel at syscall entry, bytes received reach the
+/// process at syscall exit. Exit of a send would be wrong: on loopback the
+/// peer may read the bytes before the sender's syscall returns, and a SERVER
+/// span would then end after the CLIENT span that contains it.
+fn moment_ns(chunk: &Chunk) -> u64 {
     match chunk.direction {
         Direction::Egress => chunk.ts_enter_ns,
         Direction::Ingress => chunk.ts_exit_ns,
@@ -893,7 +896,7 @@ impl Conn {
                 State::Body(body) => {
                     let step = body.consume(&data[pos..], ctx.limits.max_head_bytes);
                     pos += step.used;
-                    self.account(side, st.cur, step.payload, chunk.ts_exit_ns);
+                    self.account(side, st.cur, step.payload, moment_ns(chunk));
                     match step.status {
                         BodyStatus::More => {}
                         BodyStatus::Done => {
@@ -934,7 +937,7 @@ impl Conn {
             if pos >= data.len() {
                 return pos;
             }
-            st.head_first_ns = first_ns(chunk);
+            st.head_first_ns = moment_ns(chunk);
             st.head_tid = chunk.tid;
         }
         // `old` bytes came from earlier chunks; whatever the head does not use
@@ -1019,7 +1022,7 @@ impl Conn {
         let mut ex = blank_exchange(chunk, self.role);
         ex.tid = st.head_tid;
         ex.request_first_ns = st.head_first_ns;
-        ex.request_last_ns = chunk.ts_exit_ns;
+        ex.request_last_ns = moment_ns(chunk);
         ex.version_minor = head.minor;
         ex.request_headers = head.headers;
         let is_head = head.method == "HEAD";
@@ -1076,7 +1079,7 @@ impl Conn {
         p.ex.status = Some(status);
         p.ex.response_headers = head.headers;
         p.ex.response_first_ns = Some(st.head_first_ns);
-        p.ex.response_last_ns = Some(chunk.ts_exit_ns);
+        p.ex.response_last_ns = Some(moment_ns(chunk));
         match body {
             Some(b) => {
                 st.cur = Some(p.id);
@@ -1121,7 +1124,7 @@ impl Conn {
             p.ex.status = Some(head.status);
             p.ex.response_headers = head.headers.clone();
             p.ex.response_first_ns = Some(st.head_first_ns);
-            p.ex.response_last_ns = Some(chunk.ts_exit_ns);
+            p.ex.response_last_ns = Some(moment_ns(chunk));
             emit(ctx, out, p, Outcome::Upgraded { protocol });
         }
         self.ignore();
@@ -1263,7 +1266,7 @@ impl Conn {
                     let (n, status) = body.skip_hole(hole);
                     hole -= n;
                     ctx.c.holes_skipped += n;
-                    self.account(side, st.cur, n, chunk.ts_exit_ns);
+                    self.account(side, st.cur, n, moment_ns(chunk));
                     match status {
                         HoleStatus::Inside => return,
                         HoleStatus::Done => {
@@ -1957,14 +1960,14 @@ mod tests {
 
     #[test]
     fn timestamps_client_and_server() {
-        // Client: request is egress (enter..exit), response ingress (exit..exit).
+        // Client: request is egress (entries), response ingress (exits).
         let mut tap = Tap::new(Role::Client);
         tap.ev(&o(GET)); // t=1000..1005
         tap.ev(&i("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")); // 1100..1105
         tap.ev(&i("cd")); // 1200..1205
         assert_eq!(tap.out.len(), 1);
         let ex = &tap.out[0];
-        assert_eq!((ex.request_first_ns, ex.request_last_ns), (1000, 1005));
+        assert_eq!((ex.request_first_ns, ex.request_last_ns), (1000, 1000));
         assert_eq!(
             (ex.response_first_ns, ex.response_last_ns),
             (Some(1105), Some(1205))
@@ -1980,7 +1983,7 @@ mod tests {
         assert_eq!(find(&ex.request_headers, "host"), Some("a"));
         assert_eq!(find(&ex.response_headers, "content-length"), Some("4"));
 
-        // Server: request is ingress (exit..exit), response egress (enter..exit).
+        // Server: request is ingress (exits), response egress (entries).
         let mut tap = Tap::new(Role::Server);
         tap.ev(&i("POST / HTTP/1.0\r\nContent-Length: 2\r\n\r\n")); // 1000..1005
         tap.ev(&i("xy")); // 1100..1105
@@ -1991,7 +1994,7 @@ mod tests {
         assert_eq!((ex.request_first_ns, ex.request_last_ns), (1005, 1105));
         assert_eq!(
             (ex.response_first_ns, ex.response_last_ns),
-            (Some(1200), Some(1305))
+            (Some(1200), Some(1300))
         );
         assert_eq!(
             (
@@ -2018,7 +2021,7 @@ mod tests {
         tap.ev(&i("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")); // 1300..1305
         assert_eq!(tap.out.len(), 1);
         let ex = &tap.out[0];
-        assert_eq!((ex.request_first_ns, ex.request_last_ns), (1000, 1205));
+        assert_eq!((ex.request_first_ns, ex.request_last_ns), (1000, 1200));
         assert_eq!(
             (ex.response_first_ns, ex.response_last_ns),
             (Some(1305), Some(1305))
@@ -2052,8 +2055,8 @@ mod tests {
             let ex = &tap.out[0];
             assert_eq!(ex.tid, 100, "thread of the first request byte");
             let (rf, rl, sf, sl) = match role {
-                Role::Client => (1000, 1205, 1305, 1505),
-                _ => (1005, 1205, 1300, 1505),
+                Role::Client => (1000, 1200, 1305, 1505),
+                _ => (1005, 1205, 1300, 1500),
             };
             assert_eq!(
                 (ex.request_first_ns, ex.request_last_ns),
@@ -2148,7 +2151,7 @@ mod tests {
                 ("GET", "/2", Some(200), 0, 0, Complete)
             ]
         );
-        assert_eq!(tap.out[0].response_last_ns, Some(1205));
+        assert_eq!(tap.out[0].response_last_ns, Some(1200));
         assert_eq!(tap.dec.counters().holes_skipped, 50_000);
     }
 

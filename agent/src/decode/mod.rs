@@ -49,9 +49,10 @@ pub struct HttpExchange {
     /// Body bytes (after de-chunking: the payload bytes; holes counted too).
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
-    /// Kernel monotonic ns. For bytes this process SENT (egress), "first" is
-    /// ts_enter_ns of the first chunk carrying them and "last" ts_exit_ns of the
-    /// last one; for bytes it RECEIVED (ingress) both use ts_exit_ns.
+    /// Kernel monotonic ns of the first and last chunk carrying the message:
+    /// for bytes this process SENT (egress) the syscall's entry (handed to the
+    /// kernel), for bytes it RECEIVED (ingress) its exit (in the process). So a
+    /// peer never receives before the sender's moment, on one clock.
     pub request_first_ns: u64,
     pub request_last_ns: u64,
     /// First and last byte of the FINAL response (1xx interim heads ignored).
