@@ -212,10 +212,20 @@ pub fn counter(log: &str, name: &str) -> u64 {
 /// Value of `name=N` in the last log line containing `marker`.
 pub fn counter_in(log: &str, marker: &str, name: &str) -> u64 {
     let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no {marker:?} line in:\n{log}"));
-    // Fields are space-separated: the space keeps `spans=` from matching `server_spans=`.
-    let key = format!(" {name}=");
-    let at = line.find(&key).unwrap_or_else(|| panic!("no counter {name} in {line}"));
-    line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("counter value")
+    field(line, name).unwrap_or_else(|| panic!("no counter {name} in {line}"))
+}
+
+/// Value of `name=N` in a log line, where `name` starts a field: after a
+/// space or an `=` (`kernel=events=3`), so `spans` does not match `server_spans`.
+pub fn field(line: &str, name: &str) -> Option<u64> {
+    let key = format!("{name}=");
+    line.match_indices(&key).find_map(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+    })
 }
 
 /// Reverses `agent dump`'s payload escaping.
@@ -273,10 +283,16 @@ pub fn run_ok(cmd: &mut Command) -> String {
 
 /// A python3 child running `script`, with piped stdin/stdout for hand-shaking.
 pub fn python(script: &str, args: &[&str]) -> Child {
+    python_env(script, args, &[])
+}
+
+/// Like [`python`], with extra environment variables.
+pub fn python_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new("python3")
         .arg("-c")
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -10,8 +10,8 @@ use std::{
 };
 
 use integration_tests::{
-    counter_in, free_port, otlp_receiver::{ReceivedSpan, Receiver}, python, python_http_server, read_line,
-    require_root, run_ok, Agent,
+    counter_in, free_port, otlp_receiver::{ReceivedSpan, Receiver}, python, python_env, python_http_server,
+    read_line, require_root, run_ok, Agent,
 };
 use serde_json::Value;
 
@@ -146,11 +146,12 @@ s.serve_forever()
 "#;
 
 #[test]
-fn secrets_never_leave_the_host() {
+fn secrets_never_leave_the_host_and_a_process_names_its_own_service() {
     if !require_root("secrets") {
         return;
     }
-    let mut server = python(SECRET_SERVER, &[]);
+    // The server declares its service name the OpenTelemetry way, in its environment.
+    let mut server = python_env(SECRET_SERVER, &[], &[("OTEL_SERVICE_NAME", "secret-keeper")]);
     let port: u16 = read_line(&mut server).parse().unwrap();
     let receiver = Receiver::start();
     let endpoint = receiver.endpoint();
@@ -173,9 +174,11 @@ fn secrets_never_leave_the_host() {
     assert_eq!(mine.len(), 2, "{spans:#?}");
     let everything = format!("{mine:?}{log}");
     assert!(!everything.contains("S3CR3T"), "a secret left the host: {everything}");
-    for s in mine {
+    for s in &mine {
         assert_eq!(attr_str(s, "url.query"), "user=bob&token=REDACTED&password=REDACTED");
     }
+    let server_span = mine.iter().find(|s| s.kind == "SERVER").expect("SERVER span");
+    assert_eq!(server_span.service_name, "secret-keeper", "OTEL_SERVICE_NAME read from /proc/PID/environ");
 }
 
 #[test]

@@ -153,6 +153,58 @@ fn start_receiver(dir: &Path) -> Result<(Killed, String)> {
     Ok((k, format!("http://127.0.0.1:{otlp}")))
 }
 
+/// A collector that accepts every OTLP/HTTP request and discards it, so the
+/// figures show the agent's cost of building and exporting spans rather than
+/// a receiver's storage cost on the same two cores. Returns its endpoint and
+/// a counter of export requests received.
+fn start_discarding_collector() -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let counted = counted.clone();
+            thread::spawn(move || {
+                let mut writer = match conn.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+                let mut reader = BufReader::new(conn);
+                loop {
+                    // One request: head, then a Content-Length body; keep-alive.
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).map_or(true, |n| n == 0) {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+                    if writer.write_all(ok).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((endpoint, requests))
+}
+
 fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[String]) -> Result<AgentRun> {
     let err = dir.join(format!("agent-{round}-{mode}.log"));
     let child = Command::new(agent)
@@ -185,11 +237,16 @@ fn stop_agent(mut run: AgentRun) -> Result<String> {
 /// `name=N` from the last log line containing `marker` (0 when absent).
 fn counter(log: &str, marker: &str, name: &str) -> u64 {
     let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or("");
-    // Fields are space-separated: the space keeps `spans=` from matching `server_spans=`.
-    let key = format!(" {name}=");
-    line.find(&key)
-        .map(|at| line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>())
-        .and_then(|v| v.parse().ok())
+    // `name` must start a field (after a space or `=`, as in `kernel=events=3`),
+    // so `spans` does not match `server_spans`.
+    let key = format!("{name}=");
+    line.match_indices(&key)
+        .find_map(|(at, _)| {
+            if line[..at].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return None;
+            }
+            line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        })
         .unwrap_or(0)
 }
 
@@ -225,21 +282,23 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
     let port = free_port()?;
     let _nginx = start_nginx(dir.path(), port)?;
     wrk(port, 1, connections)?; // warm-up
-    let (_receiver, endpoint) = start_receiver(dir.path())?;
+    let (_receiver, otelite) = start_receiver(dir.path())?;
+    let (discard, export_requests) = start_discarding_collector()?;
     // (label, agent arguments). wrk runs on the same host, so by default the
     // agent traces the load generator too; `--comm nginx` traces the server
     // alone, as on a host where the clients are elsewhere.
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-    let formats: [(&str, Vec<String>); 3] = [
+    let formats: [(&str, Vec<String>); 4] = [
         ("capture only, all processes", args(&["dump", "--format", "summary"])),
-        ("trace+OTLP, all processes", args(&["trace", "--otlp-endpoint", &endpoint])),
-        ("trace+OTLP, --comm nginx", args(&["trace", "--otlp-endpoint", &endpoint, "--comm", "nginx"])),
+        ("trace, OTLP to a discarding sink", args(&["trace", "--otlp-endpoint", &discard])),
+        ("trace, OTLP discard, nginx only", args(&["trace", "--otlp-endpoint", &discard, "--comm", "nginx"])),
+        ("trace, OTLP to otelite", args(&["trace", "--otlp-endpoint", &otelite])),
     ];
     let mut without = Vec::new();
     let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
     for round in 0..rounds {
         let (rps, _) = wrk(port, seconds, connections)?;
-        println!("round {round}: without agent {:<25} {rps:>10.0} req/s", "");
+        println!("round {round}: without agent {:<29} {rps:>10.0} req/s", "");
         without.push(rps);
         for (i, ((format, args), mode)) in formats.iter().zip(modes.iter_mut()).enumerate() {
             let a = start_agent(agent, dir.path(), round, i, args)?;
@@ -249,7 +308,7 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
             mode.cpu_s += cpu_seconds(pid)? - before;
             mode.requests += reqs;
             let log = stop_agent(a)?;
-            println!("round {round}: agent ({format:<28}) {rps:>10.0} req/s");
+            println!("round {round}: agent ({format:<32}) {rps:>10.0} req/s");
             mode.rps.push(rps);
             mode.events += counter(&log, "capture stopped", "events");
             mode.spans += counter(&log, "agent stopped", "spans");
@@ -259,13 +318,14 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
             }
         }
     }
+    println!("export requests the discarding sink took: {}", export_requests.load(std::sync::atomic::Ordering::Relaxed));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let base = mean(&without);
     println!();
     println!("requests/s without agent        : {base:.0}");
     for ((format, args), m) in formats.iter().zip(&modes) {
         let rps = mean(&m.rps);
-        println!("--- {format}: agent dump {}", args.join(" "));
+        println!("--- {format}: agent {}", args.join(" "));
         println!("requests/s with agent           : {rps:.0}");
         println!("ratio with/without              : {:.3}", rps / base);
         println!("agent CPU s / 100k requests     : {:.3}", m.cpu_s / (m.requests / 100_000.0));

@@ -10,7 +10,7 @@ pub mod spans;
 pub use context::{SpanId, TraceId};
 
 /// OpenTelemetry span kind (the two the agent makes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SpanKind {
     Server,
     Client,

@@ -72,6 +72,9 @@ pub struct SpanCounters {
     pub context_malformed: u64,
 }
 
+/// (client address, server address) of a connection, and a span kind.
+type PairKey = ((SocketAddr, SocketAddr), SpanKind);
+
 struct Waiting {
     ex: HttpExchange,
     ctx: Option<RemoteContext>,
@@ -90,7 +93,9 @@ pub struct SpanBuilder {
     pair_window_ns: u64,
     queue: VecDeque<u64>,
     waiting: HashMap<u64, Waiting>,
-    by_key: HashMap<(SocketAddr, SocketAddr), Vec<u64>>,
+    /// Waiting exchanges by connection and kind, oldest first: a push only
+    /// looks at the other kind of its own connection.
+    by_key: HashMap<PairKey, VecDeque<u64>>,
     next_id: u64,
     pub counters: SpanCounters,
 }
@@ -144,7 +149,7 @@ impl SpanBuilder {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.by_key.entry(key).or_default().push(id);
+        self.by_key.entry((key, kind)).or_default().push_back(id);
         self.queue.push_back(id);
         self.waiting.insert(id, me);
         while self.waiting.len() > MAX_WAITING {
@@ -181,12 +186,13 @@ impl SpanBuilder {
     }
 
     fn find_peer(&self, me: &Waiting) -> Option<u64> {
-        let ids = self.by_key.get(&me.key)?;
+        let other = match me.kind {
+            SpanKind::Client => SpanKind::Server,
+            SpanKind::Server => SpanKind::Client,
+        };
+        let ids = self.by_key.get(&(me.key, other))?;
         ids.iter().copied().find(|id| {
             self.waiting.get(id).is_some_and(|w| {
-                if w.kind == me.kind {
-                    return false;
-                }
                 let (c, s) = if me.kind == SpanKind::Client { (&me.ex, &w.ex) } else { (&w.ex, &me.ex) };
                 // Causality on one clock: the server read the request after the
                 // client began sending it, and before the client finished.
@@ -197,10 +203,14 @@ impl SpanBuilder {
 
     fn take(&mut self, id: u64) -> Option<Waiting> {
         let w = self.waiting.remove(&id)?;
-        if let Some(ids) = self.by_key.get_mut(&w.key) {
-            ids.retain(|i| *i != id);
+        let k = (w.key, w.kind);
+        if let Some(ids) = self.by_key.get_mut(&k) {
+            // Usually the front: exchanges leave in the order they came.
+            if let Some(pos) = ids.iter().position(|i| *i == id) {
+                ids.remove(pos);
+            }
             if ids.is_empty() {
-                self.by_key.remove(&w.key);
+                self.by_key.remove(&k);
             }
         }
         Some(w)
