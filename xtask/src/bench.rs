@@ -5,21 +5,22 @@
 //! all see the same machine noise. Modes: capture alone (`dump --format
 //! summary`: kernel capture, ordering and per-connection accounting), and the
 //! full job (`trace`: HTTP decoding, spans, OTLP export to a real receiver,
-//! otelite, on this host), tracing every process or nginx alone. Prints
+//! otelite, on this host, or a discarding one), tracing every process or nginx
+//! alone. The peers are the integration tests' own (same nginx, same receiver). Prints
 //! requests/s, ratios, the agent's CPU seconds per 100,000 requests, spans
 //! made and exported, and every drop counter.
 
 use std::{
     fs,
-    net::TcpStream,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use integration_tests::{free_port, nginx, otlp_receiver::Receiver, Proc};
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Which {
@@ -35,58 +36,6 @@ pub enum Which {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listening on {port}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn start_nginx(dir: &Path, port: u16) -> Result<Killed> {
-    let www = dir.join("www");
-    fs::create_dir_all(&www)?;
-    fs::write(www.join("index.html"), "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n")?;
-    let d = dir.display();
-    let conf = format!(
-        "daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 10000000;
-  client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
-  server {{ listen 127.0.0.1:{port}; root {w}; }} }}
-",
-        w = www.display()
-    );
-    fs::write(dir.join("nginx.conf"), conf)?;
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning nginx")?;
-    let k = Killed(child);
-    wait_port(port)?;
-    Ok(k)
 }
 
 /// Runs wrk; returns (requests/s, requests).
@@ -124,33 +73,8 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 struct AgentRun {
-    proc: Killed,
+    proc: Proc,
     err: std::path::PathBuf,
-}
-
-/// otelite (the pinned OTLP receiver `cargo xtask setup` installs) on loopback;
-/// returns it and its OTLP/HTTP base endpoint.
-fn start_receiver(dir: &Path) -> Result<(Killed, String)> {
-    let (api, otlp, grpc) = (free_port()?, free_port()?, free_port()?);
-    let data = dir.join("otelite");
-    fs::create_dir_all(&data)?;
-    let child = Command::new("otelite")
-        .args(["serve", "--no-color", "--addr", &format!("127.0.0.1:{api}"), "--storage-path"])
-        .arg(&data)
-        .env("OTELITE_OTLP_HTTP_PORT", otlp.to_string())
-        .env("OTELITE_OTLP_GRPC_PORT", grpc.to_string())
-        .env("OTELITE_DATA_DIR", &data)
-        .env("OTELITE_AUTO_PURGE_ENABLED", "false")
-        .env("HOME", &data)
-        // otelite fetches a pricing file at start; there is no network here.
-        .env("HTTPS_PROXY", "http://127.0.0.1:9")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning otelite (installed by cargo xtask setup)")?;
-    let k = Killed(child);
-    wait_port(otlp)?;
-    Ok((k, format!("http://127.0.0.1:{otlp}")))
 }
 
 /// A collector that accepts every OTLP/HTTP request and discards it, so the
@@ -215,7 +139,7 @@ fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[String
         .stderr(fs::File::create(&err)?)
         .spawn()
         .context("spawning agent")?;
-    let run = AgentRun { proc: Killed(child), err };
+    let run = AgentRun { proc: Proc(child), err };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !fs::read_to_string(&run.err).unwrap_or_default().contains("capture attached") {
         if Instant::now() > deadline {
@@ -237,17 +161,7 @@ fn stop_agent(mut run: AgentRun) -> Result<String> {
 /// `name=N` from the last log line containing `marker` (0 when absent).
 fn counter(log: &str, marker: &str, name: &str) -> u64 {
     let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or("");
-    // `name` must start a field (after a space or `=`, as in `kernel=events=3`),
-    // so `spans` does not match `server_spans`.
-    let key = format!("{name}=");
-    line.match_indices(&key)
-        .find_map(|(at, _)| {
-            if line[..at].chars().next_back().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return None;
-            }
-            line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
-        })
-        .unwrap_or(0)
+    integration_tests::field(line, name).unwrap_or(0)
 }
 
 /// Figures of one agent mode over all rounds.
@@ -279,10 +193,14 @@ const DROPS: [(&str, &str); 10] = [
 pub fn run(which: Which, agent: &Path) -> Result<()> {
     let Which::Overhead { rounds, seconds, connections } = which;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let _nginx = start_nginx(dir.path(), port)?;
+    let www = dir.path().join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("index.html"), "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n")?;
+    let port = free_port();
+    let _nginx = nginx(dir.path(), &www, port, 1);
     wrk(port, 1, connections)?; // warm-up
-    let (_receiver, otelite) = start_receiver(dir.path())?;
+    let receiver = Receiver::start();
+    let otelite = receiver.endpoint();
     let (discard, export_requests) = start_discarding_collector()?;
     // (label, agent arguments). wrk runs on the same host, so by default the
     // agent traces the load generator too; `--comm nginx` traces the server
