@@ -71,30 +71,38 @@ pub struct TraceOptions {
 }
 
 enum Sink {
-    Otlp { exporter: OtlpExporter, resources: HashMap<u32, (Arc<ProcessResource>, Arc<Resource>)> },
+    Otlp(OtlpExporter),
     Tree(TreePrinter),
     Json,
 }
 
-impl Sink {
-    fn span(&mut self, span: SpanRecord, res: Arc<ProcessResource>, out: &mut impl Write) {
-        match self {
-            Self::Otlp { exporter, resources } => {
-                let proto_res = match resources.get(&span.pid) {
-                    Some((r, p)) if Arc::ptr_eq(r, &res) => p.clone(),
-                    _ => {
-                        let p = Arc::new(convert::resource(&res));
-                        resources.insert(span.pid, (res, p.clone()));
-                        p
-                    }
-                };
-                exporter.send(proto_res, convert::span(&span));
+/// OTLP resources, made once per process resource (the exporter groups
+/// spans by the resource's `Arc` identity).
+#[derive(Default)]
+struct ProtoResources(HashMap<u32, (Arc<ProcessResource>, Arc<Resource>)>);
+
+impl ProtoResources {
+    fn get(&mut self, res: &Arc<ProcessResource>) -> Arc<Resource> {
+        match self.0.get(&res.pid) {
+            Some((r, p)) if Arc::ptr_eq(r, res) => p.clone(),
+            _ => {
+                let p = Arc::new(convert::resource(res));
+                self.0.insert(res.pid, (res.clone(), p.clone()));
+                p
             }
+        }
+    }
+}
+
+impl Sink {
+    fn span(&mut self, span: SpanRecord, res: Arc<ProcessResource>, protos: &mut ProtoResources, out: &mut impl Write) {
+        match self {
+            Self::Otlp(exporter) => exporter.send(protos.get(&res), convert::span(&span)),
             Self::Tree(t) => {
                 let _ = t.push(span, res, out);
             }
             Self::Json => {
-                let line = json::span_to_otlp_json(&convert::resource(&res), &convert::span(&span));
+                let line = json::span_to_otlp_json(&protos.get(&res), &convert::span(&span));
                 let _ = writeln!(out, "{line}");
             }
         }
@@ -108,20 +116,20 @@ impl Sink {
             Self::Json => {
                 let _ = out.flush();
             }
-            Self::Otlp { .. } => {}
+            Self::Otlp(_) => {}
         }
     }
 
     fn counters(&self) -> ExportCounters {
         match self {
-            Self::Otlp { exporter, .. } => exporter.counters(),
+            Self::Otlp(exporter) => exporter.counters(),
             _ => ExportCounters::default(),
         }
     }
 
     fn finish(self, out: &mut impl Write) -> ExportCounters {
         match self {
-            Self::Otlp { exporter, .. } => exporter.shutdown(Instant::now() + SHUTDOWN_FLUSH),
+            Self::Otlp(exporter) => exporter.shutdown(Instant::now() + SHUTDOWN_FLUSH),
             Self::Tree(mut t) => {
                 let _ = t.flush(None, out);
                 ExportCounters::default()
@@ -146,7 +154,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     let mut sink = match opts.sink {
         SinkConfig::Otlp(cfg) => {
             tracing::info!(endpoint = %cfg.traces_url, "exporting spans over OTLP/HTTP");
-            Sink::Otlp { exporter: OtlpExporter::start(cfg)?, resources: HashMap::new() }
+            Sink::Otlp(OtlpExporter::start(cfg)?)
         }
         SinkConfig::ConsoleTree => Sink::Tree(TreePrinter::new(CONSOLE_QUIET)),
         SinkConfig::ConsoleJson => Sink::Json,
@@ -157,13 +165,14 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     let interval = opts.capture.drain_interval;
     let drainer = thread::Builder::new()
         .name("drain".into())
-        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, None))
+        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, opts.stats_every))
         .map_err(PipelineError::Thread)?;
 
     let offset = capture::monotonic_to_unix_offset_ns();
     let mut decoder = Http1Decoder::new(Limits::default());
     let mut builder = SpanBuilder::new(opts.sampler, offset, opts.pair_window.as_nanos() as u64);
     let mut resources = Resources::new(opts.service_names);
+    let mut protos = ProtoResources::default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut exchanges = Vec::new();
@@ -188,7 +197,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
                 for ex in exchanges.drain(..) {
                     builder.push(ex, now, &mut spans);
                 }
-                deliver(&mut spans, &mut sink, &mut resources, &mut out);
+                deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -200,7 +209,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             for ex in exchanges.drain(..) {
                 builder.push(ex, now, &mut spans);
             }
-            deliver(&mut spans, &mut sink, &mut resources, &mut out);
+            deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
             sink.tick(&mut out);
             last_tick = Instant::now();
         }
@@ -211,7 +220,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     }
     // Everything finished is flushed: pending pairs go out alone.
     builder.flush(u64::MAX, &mut spans);
-    deliver(&mut spans, &mut sink, &mut resources, &mut out);
+    deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
     let (kernel, user) = drainer.join().map_err(|_| PipelineError::DrainPanicked)?;
     let export = sink.finish(&mut out);
     let _ = out.flush();
@@ -221,10 +230,16 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
 }
 
 /// Hands finished spans, with their process's resource, to the sink.
-fn deliver(spans: &mut Vec<SpanRecord>, sink: &mut Sink, resources: &mut Resources, out: &mut impl Write) {
+fn deliver(
+    spans: &mut Vec<SpanRecord>,
+    sink: &mut Sink,
+    resources: &mut Resources,
+    protos: &mut ProtoResources,
+    out: &mut impl Write,
+) {
     for s in spans.drain(..) {
         let res = resources.get(s.pid, &s.comm);
-        sink.span(s, res, out);
+        sink.span(s, res, protos, out);
     }
 }
 

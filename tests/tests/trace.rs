@@ -10,7 +10,7 @@ use std::{
 };
 
 use integration_tests::{
-    counter_in, free_port, otlp_receiver::{ReceivedSpan, Receiver}, python, python_env, python_http_server,
+    counter_in, free_port, otlp_receiver::{ReceivedSpan, Receiver}, python_env, python_http_server,
     read_line, require_root, run_ok, Agent,
 };
 use serde_json::Value;

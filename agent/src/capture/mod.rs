@@ -230,12 +230,14 @@ impl Capture {
 
     /// Reads everything in the ring buffer now; appends ordered chunks to `out`.
     pub fn drain(&mut self, out: &mut Vec<Chunk>) {
+        let now = Instant::now();
+        self.roles.sweep(now);
         while let Some(item) = self.ring.next() {
             self.user.records += 1;
             match event::decode(&item) {
                 Ok(mut c) => {
                     self.user.bytes += c.payload.len() as u64;
-                    self.roles.resolve(&mut c);
+                    self.roles.resolve(&mut c, now);
                     self.reorder.push(c, out);
                 }
                 Err(e) => {

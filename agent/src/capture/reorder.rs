@@ -6,21 +6,33 @@
 //! released in sequence order; a gap still open after a whole drain pass
 //! (the two chunks of a race are written microseconds apart) is a loss, which
 //! is counted and skipped.
+//!
+//! A process that dies with sockets open never calls close(): the kernel
+//! closes them, and no close record comes. Connections idle for `IDLE` are
+//! therefore forgotten, so the state stays bounded on a busy host.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
 
 use super::event::{Chunk, ChunkKind, ConnId};
 
 /// Chunks held per connection before a gap is given up on regardless.
 const MAX_HELD: usize = 256;
+/// Connections with no chunk for this long are forgotten.
+pub const IDLE: Duration = Duration::from_secs(300);
+/// Drain passes between sweeps for idle connections.
+const SWEEP_EVERY: u64 = 1024;
 
-#[derive(Default)]
 struct ConnOrder {
     next: u64,
     held: BTreeMap<u64, Chunk>,
     close: Option<Chunk>,
     /// A gap was open at the end of the previous pass.
     stalled: bool,
+    /// Start of the drain pass that last brought a chunk.
+    seen: Instant,
 }
 
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +45,33 @@ pub struct ReorderStats {
     pub reordered: u64,
 }
 
-#[derive(Default)]
 pub struct Reorder {
     conns: HashMap<ConnId, ConnOrder>,
     pub stats: ReorderStats,
+    /// Start of the current drain pass (one clock read per pass, not per chunk).
+    now: Instant,
+    passes: u64,
+}
+
+impl Default for Reorder {
+    fn default() -> Self {
+        Self { conns: HashMap::new(), stats: ReorderStats::default(), now: Instant::now(), passes: 0 }
+    }
 }
 
 impl Reorder {
     /// Takes one chunk; appends to `out` whatever is now in order.
     pub fn push(&mut self, chunk: Chunk, out: &mut Vec<Chunk>) {
         let id = chunk.conn;
-        let st = self.conns.entry(id).or_default();
+        let now = self.now;
+        let st = self.conns.entry(id).or_insert_with(|| ConnOrder {
+            next: 0,
+            held: BTreeMap::new(),
+            close: None,
+            stalled: false,
+            seen: now,
+        });
+        st.seen = now;
         if chunk.kind == ChunkKind::Close {
             st.close = Some(chunk);
         } else if chunk.seq < st.next {
@@ -97,6 +125,15 @@ impl Reorder {
 
     /// End of a drain pass: gaps open since the previous pass are losses.
     pub fn end_pass(&mut self, out: &mut Vec<Chunk>) {
+        self.end_pass_at(Instant::now(), out);
+    }
+
+    fn end_pass_at(&mut self, now: Instant, out: &mut Vec<Chunk>) {
+        self.now = now;
+        self.passes += 1;
+        if self.passes % SWEEP_EVERY == 0 {
+            self.conns.retain(|_, st| now.duration_since(st.seen) < IDLE);
+        }
         let stats = &mut self.stats;
         self.conns.retain(|_, st| {
             let waiting = !st.held.is_empty() || st.close.is_some();
@@ -117,17 +154,13 @@ impl Reorder {
     pub fn tracked(&self) -> usize {
         self.conns.len()
     }
-
-    /// Drops state of connections not live any more (their close was lost).
-    pub fn retain(&mut self, live: impl Fn(&ConnId) -> bool) {
-        self.conns.retain(|c, _| live(c));
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::capture::event::{decode, tests::header};
+    use std::time::Duration;
     use agent_common::{KIND_CLOSE, KIND_DATA};
 
     fn data(seq: u64) -> Chunk {
@@ -175,6 +208,25 @@ mod tests {
         r.end_pass(&mut out);
         assert_eq!(seqs(&out), vec![(1, false)]);
         assert_eq!(r.stats.gaps, 1);
+    }
+
+    #[test]
+    fn connections_without_a_close_are_forgotten_after_idle() {
+        let mut r = Reorder::default();
+        let mut out = Vec::new();
+        let t0 = Instant::now();
+        r.end_pass_at(t0, &mut out);
+        r.push(data(0), &mut out); // its process died: no close will come
+        assert_eq!(r.tracked(), 1);
+        for i in 1..SWEEP_EVERY {
+            r.end_pass_at(t0 + Duration::from_millis(i), &mut out);
+        }
+        assert_eq!(r.tracked(), 1, "kept while recent");
+        // The next sweep comes after IDLE has passed.
+        for i in 0..SWEEP_EVERY {
+            r.end_pass_at(t0 + IDLE + Duration::from_millis(i), &mut out);
+        }
+        assert_eq!(r.tracked(), 0);
     }
 
     #[test]

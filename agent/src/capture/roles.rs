@@ -5,6 +5,8 @@
 //! 4-tuple: a connection whose local port is a listening port is the server
 //! end. Listening sockets come from `/proc/net/tcp{,6}` of the agent's network
 //! namespace, re-read at most every `REFRESH` when a port is not found.
+//! Remembered roles are forgotten at close, or after `reorder::IDLE` without
+//! traffic (a process that dies never calls close).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,7 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::event::{Chunk, ChunkKind, ConnId, Role};
+use super::{
+    event::{Chunk, ChunkKind, ConnId, Role},
+    reorder::IDLE,
+};
 
 const REFRESH: Duration = Duration::from_millis(200);
 const TCP_LISTEN: &str = "0A";
@@ -64,7 +69,9 @@ fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
 pub struct RoleResolver {
     listeners: HashSet<(IpAddr, u16)>,
     refreshed: Option<Instant>,
-    known: HashMap<ConnId, Role>,
+    /// Role and the last time the connection was seen.
+    known: HashMap<ConnId, (Role, Instant)>,
+    last_sweep: Option<Instant>,
 }
 
 impl RoleResolver {
@@ -97,13 +104,18 @@ impl RoleResolver {
         Role::Client
     }
 
-    pub fn resolve(&mut self, chunk: &mut Chunk) {
+    /// Sets the role of a chunk of a connection seen first mid-life; `now`
+    /// is the current drain pass's start.
+    pub fn resolve(&mut self, chunk: &mut Chunk, now: Instant) {
         if chunk.role == Role::Unknown {
-            let role = match self.known.get(&chunk.conn) {
-                Some(r) => *r,
+            let role = match self.known.get_mut(&chunk.conn) {
+                Some((r, seen)) => {
+                    *seen = now;
+                    *r
+                }
                 None => {
                     let r = self.classify(chunk.local.ip(), chunk.local.port());
-                    self.known.insert(chunk.conn, r);
+                    self.known.insert(chunk.conn, (r, now));
                     r
                 }
             };
@@ -114,21 +126,25 @@ impl RoleResolver {
         }
     }
 
-    /// Connections currently remembered (for the memory bound in tests).
-    pub fn tracked(&self) -> usize {
-        self.known.len()
+    /// Forgets connections idle for `IDLE` (checked at most once a minute).
+    pub fn sweep(&mut self, now: Instant) {
+        if self.last_sweep.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.known.retain(|_, (_, seen)| now.duration_since(*seen) < IDLE);
     }
 
-    /// Forgets connections not seen in a while (their close may have been lost).
-    pub fn retain(&mut self, live: impl Fn(&ConnId) -> bool) {
-        self.known.retain(|c, _| live(c));
+    /// Connections currently remembered.
+    pub fn tracked(&self) -> usize {
+        self.known.len()
     }
 
     #[cfg(test)]
     fn with_listeners(l: &[(IpAddr, u16)]) -> Self {
         // Refreshed "in the future": the test never reads the real /proc.
         let refreshed = Some(Instant::now() + Duration::from_secs(3600));
-        Self { listeners: l.iter().copied().collect(), refreshed, known: HashMap::new() }
+        Self { listeners: l.iter().copied().collect(), refreshed, known: HashMap::new(), last_sweep: None }
     }
 }
 
@@ -161,6 +177,23 @@ mod tests {
             ]
         );
         assert!(parse_listeners("garbage\n1: zz:zz 0A\n").is_empty());
+    }
+
+    #[test]
+    fn roles_are_kept_per_connection_and_forgotten_when_idle() {
+        use crate::capture::event::{decode, tests::header};
+        use agent_common::KIND_DATA;
+        let mut r = RoleResolver::with_listeners(&[("127.0.0.1".parse().unwrap(), 8080)]);
+        let mut c = decode(&header(KIND_DATA, 0, b"x")).unwrap();
+        c.role = Role::Unknown;
+        let t0 = Instant::now();
+        r.resolve(&mut c, t0);
+        assert_eq!(c.role, Role::Server, "local port 8080 listens");
+        assert_eq!(r.tracked(), 1);
+        r.sweep(t0 + IDLE / 2);
+        assert_eq!(r.tracked(), 1);
+        r.sweep(t0 + IDLE + Duration::from_secs(61));
+        assert_eq!(r.tracked(), 0, "its process died without a close");
     }
 
     #[test]

@@ -105,11 +105,6 @@ impl Resources {
         r
     }
 
-    /// Forgets a process (it exited, or its pid may be reused).
-    pub fn forget(&mut self, pid: u32) {
-        self.cache.remove(&pid);
-    }
-
     fn build(&self, pid: u32, comm: &str, exe: &str, environ: &[u8]) -> ProcessResource {
         let service_name = self
             .mappings
