@@ -131,7 +131,7 @@ impl Reorder {
     fn end_pass_at(&mut self, now: Instant, out: &mut Vec<Chunk>) {
         self.now = now;
         self.passes += 1;
-        if self.passes % SWEEP_EVERY == 0 {
+        if self.passes.is_multiple_of(SWEEP_EVERY) {
             self.conns.retain(|_, st| now.duration_since(st.seen) < IDLE);
         }
         let stats = &mut self.stats;
