@@ -282,3 +282,58 @@ fn wrk_keepalive_requests_each_give_one_server_span() {
     assert_eq!(server_spans, handled, "one SERVER span per request nginx logged, none lost\n{log}");
     assert_eq!(counter_in(&log, "capture stopped", "ringbuf_full"), 0);
 }
+
+const BAD_PEERS: &str = r#"
+import os, socket, sys, threading
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+port = srv.getsockname()[1]
+def serve():
+    for _ in range(2):
+        conn, _ = srv.accept()
+        first = conn.recv(65536)
+        if first.startswith(b"GET /abort"):
+            # Promise 100 bytes, send 10, hang up: the exchange is aborted.
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        conn.close()
+t = threading.Thread(target=serve); t.start()
+print(port, flush=True); sys.stdin.readline()
+g = socket.create_connection(("127.0.0.1", port))
+g.sendall(os.urandom(3000))  # not HTTP at all
+g.close()
+c = socket.create_connection(("127.0.0.1", port))
+c.sendall(b"GET /abort HTTP/1.1\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    data += d
+c.close(); t.join()
+print("done", flush=True)
+"#;
+
+#[test]
+fn garbage_is_counted_and_an_aborted_exchange_is_an_error_span() {
+    if !require_root("bad_peers") {
+        return;
+    }
+    let mut py = python_env(BAD_PEERS, &[], &[]);
+    let port = read_line(&mut py);
+    let agent = Agent::start_with("trace", &["--port", &port, "--output", "json"], &[]);
+    integration_tests::write_line(&mut py, "go");
+    assert_eq!(read_line(&mut py), "done");
+    let _ = py.wait();
+    std::thread::sleep(Duration::from_millis(800));
+    let (out, log) = agent.stop_raw();
+    assert!(counter_in(&log, "agent stopped", "non_http_connections") >= 1, "garbage counted: {log}");
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("OTLP-JSON line")).collect();
+    let spans: Vec<&Value> = lines.iter().map(|v| &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]).collect();
+    assert_eq!(spans.len(), 2, "only the aborted exchange's two ends, no span from garbage: {out}");
+    for s in &spans {
+        assert_eq!(s["name"], "GET /abort", "{s}");
+        let attrs = s["attributes"].as_array().expect("attributes");
+        let error_type = attrs.iter().find(|kv| kv["key"] == "error.type").map(|kv| kv["value"]["stringValue"].clone());
+        assert_eq!(error_type, Some(Value::from("aborted")), "{s}");
+        assert_eq!(s["status"]["code"], 2, "ERROR status: {s}");
+    }
+}
