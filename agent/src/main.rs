@@ -1,7 +1,6 @@
 use std::{
     io::Write,
     sync::{atomic::{AtomicBool, Ordering}, mpsc, Arc},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -77,13 +76,7 @@ fn run_trace(cargs: &agent::cli::CaptureArgs, targs: &TraceArgs, stop: Arc<Atomi
 fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let cfg = cargs.config();
     let cap = Capture::start(&cfg).context("starting capture")?;
-    let (tx, rx) = mpsc::sync_channel(QUEUE_BATCHES);
-    let drain_stop = stop.clone();
-    let interval = cfg.drain_interval;
-    let stats_every = cargs.stats_every();
-    let drainer = thread::Builder::new()
-        .name("drain".into())
-        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, stats_every))
+    let (rx, drainer) = capture::spawn_drain(cap, cfg.drain_interval, QUEUE_BATCHES, stop.clone(), cargs.stats_every())
         .context("spawning drain thread")?;
 
     let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));

@@ -8,16 +8,12 @@
 use std::{
     collections::HashMap,
     io::Write,
-    sync::{
-        atomic::AtomicBool,
-        mpsc, Arc,
-    },
-    thread,
+    sync::{atomic::AtomicBool, mpsc, Arc},
     time::{Duration, Instant},
 };
 
 use crate::{
-    capture::{self, Capture, CaptureConfig, Chunk, ChunkKind},
+    capture::{self, Capture, CaptureConfig, ChunkKind},
     console::TreePrinter,
     correlate::{
         resource::{ProcessResource, Resources},
@@ -142,13 +138,6 @@ impl Sink {
     }
 }
 
-fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Runs until `stop` is set; flushes everything finished before returning.
 pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), PipelineError> {
     let mut sink = match opts.sink {
@@ -160,13 +149,9 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
         SinkConfig::ConsoleJson => Sink::Json,
     };
     let cap = Capture::start(&opts.capture)?;
-    let (tx, rx) = mpsc::sync_channel::<Vec<Chunk>>(QUEUE_BATCHES);
-    let drain_stop = stop.clone();
-    let interval = opts.capture.drain_interval;
-    let drainer = thread::Builder::new()
-        .name("drain".into())
-        .spawn(move || capture::run_drain_loop(cap, interval, tx, drain_stop, opts.stats_every))
-        .map_err(PipelineError::Thread)?;
+    let (rx, drainer) =
+        capture::spawn_drain(cap, opts.capture.drain_interval, QUEUE_BATCHES, stop, opts.stats_every)
+            .map_err(PipelineError::Thread)?;
 
     let offset = capture::monotonic_to_unix_offset_ns();
     let mut decoder = Http1Decoder::new(Limits::default());
@@ -193,7 +178,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
                         stats.closes += 1;
                     }
                 }
-                let now = monotonic_now_ns();
+                let now = capture::monotonic_now_ns();
                 for ex in exchanges.drain(..) {
                     builder.push(ex, now, &mut spans);
                 }
@@ -203,7 +188,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         if last_tick.elapsed() >= Duration::from_millis(100) {
-            let now = monotonic_now_ns();
+            let now = capture::monotonic_now_ns();
             builder.flush(now, &mut spans);
             decoder.expire(now, IDLE_CONN.as_nanos() as u64, &mut exchanges);
             for ex in exchanges.drain(..) {

@@ -10,17 +10,11 @@
 //! requests/s, ratios, the agent's CPU seconds per 100,000 requests, spans
 //! made and exported, and every drop counter.
 
-use std::{
-    fs,
-    path::Path,
-    process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, process::Command, thread};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use integration_tests::{free_port, nginx, otlp_receiver::Receiver, Proc};
+use integration_tests::{agent_bin, free_port, nginx, otlp_receiver::Receiver, Agent};
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Which {
@@ -70,11 +64,6 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
-}
-
-struct AgentRun {
-    proc: Proc,
-    err: std::path::PathBuf,
 }
 
 /// A collector that accepts every OTLP/HTTP request and discards it, so the
@@ -129,35 +118,6 @@ fn start_discarding_collector() -> Result<(String, std::sync::Arc<std::sync::ato
     Ok((endpoint, requests))
 }
 
-fn start_agent(agent: &Path, dir: &Path, round: u32, mode: usize, args: &[String]) -> Result<AgentRun> {
-    let err = dir.join(format!("agent-{round}-{mode}.log"));
-    let child = Command::new(agent)
-        .args(args)
-        .args(["--stats-interval-s", "0"])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&err)?)
-        .spawn()
-        .context("spawning agent")?;
-    let run = AgentRun { proc: Proc(child), err };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&run.err).unwrap_or_default().contains("capture attached") {
-        if Instant::now() > deadline {
-            bail!("agent did not attach:\n{}", fs::read_to_string(&run.err).unwrap_or_default());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(run)
-}
-
-/// Stops the agent; returns its log.
-fn stop_agent(mut run: AgentRun) -> Result<String> {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(run.proc.0.id() as i32, libc::SIGINT) };
-    run.proc.0.wait()?;
-    Ok(fs::read_to_string(&run.err)?)
-}
-
 /// `name=N` from the last log line containing `marker` (0 when absent).
 fn counter(log: &str, marker: &str, name: &str) -> u64 {
     let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or("");
@@ -192,6 +152,11 @@ const DROPS: [(&str, &str); 10] = [
 
 pub fn run(which: Which, agent: &Path) -> Result<()> {
     let Which::Overhead { rounds, seconds, connections } = which;
+    // The agent runs through the integration tests' harness, which finds the
+    // release build where `build` put it.
+    if agent_bin().canonicalize().ok() != agent.canonicalize().ok() {
+        bail!("the harness would run {}, not the agent just built at {}", agent_bin().display(), agent.display());
+    }
     let dir = tempfile::tempdir()?;
     let www = dir.path().join("www");
     fs::create_dir_all(&www)?;
@@ -205,12 +170,11 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
     // (label, agent arguments). wrk runs on the same host, so by default the
     // agent traces the load generator too; `--comm nginx` traces the server
     // alone, as on a host where the clients are elsewhere.
-    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
-    let formats: [(&str, Vec<String>); 4] = [
-        ("capture only, all processes", args(&["dump", "--format", "summary"])),
-        ("trace, OTLP to a discarding sink", args(&["trace", "--otlp-endpoint", &discard])),
-        ("trace, OTLP discard, nginx only", args(&["trace", "--otlp-endpoint", &discard, "--comm", "nginx"])),
-        ("trace, OTLP to otelite", args(&["trace", "--otlp-endpoint", &otelite])),
+    let formats: [(&str, Vec<&str>); 4] = [
+        ("capture only, all processes", vec!["dump", "--format", "summary"]),
+        ("trace, OTLP to a discarding sink", vec!["trace", "--otlp-endpoint", &discard]),
+        ("trace, OTLP discard, nginx only", vec!["trace", "--otlp-endpoint", &discard, "--comm", "nginx"]),
+        ("trace, OTLP to otelite", vec!["trace", "--otlp-endpoint", &otelite]),
     ];
     let mut without = Vec::new();
     let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
@@ -218,14 +182,14 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
         let (rps, _) = wrk(port, seconds, connections)?;
         println!("round {round}: without agent {:<29} {rps:>10.0} req/s", "");
         without.push(rps);
-        for (i, ((format, args), mode)) in formats.iter().zip(modes.iter_mut()).enumerate() {
-            let a = start_agent(agent, dir.path(), round, i, args)?;
-            let pid = a.proc.0.id();
+        for ((format, args), mode) in formats.iter().zip(modes.iter_mut()) {
+            let a = Agent::start_with(args[0], &args[1..], &[]);
+            let pid = a.pid();
             let before = cpu_seconds(pid)?;
             let (rps, reqs) = wrk(port, seconds, connections)?;
             mode.cpu_s += cpu_seconds(pid)? - before;
             mode.requests += reqs;
-            let log = stop_agent(a)?;
+            let (_, log) = a.stop_raw();
             println!("round {round}: agent ({format:<32}) {rps:>10.0} req/s");
             mode.rps.push(rps);
             mode.events += counter(&log, "capture stopped", "events");

@@ -300,16 +300,41 @@ pub fn run_drain_loop(
     (cap.kernel_counters(), cap.user)
 }
 
+/// The drain thread: its chunk queue, and its final counters when joined.
+pub type Drain = (std::sync::mpsc::Receiver<Vec<Chunk>>, thread::JoinHandle<(KernelCounters, UserCounters)>);
+
+/// Spawns the drain loop on its own thread; chunks arrive on the returned
+/// queue (bounded by `queue_batches`), which closes after the final drain.
+pub fn spawn_drain(
+    cap: Capture,
+    interval: Duration,
+    queue_batches: usize,
+    stop: Arc<AtomicBool>,
+    stats_every: Option<Duration>,
+) -> std::io::Result<Drain> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(queue_batches);
+    let handle = thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || run_drain_loop(cap, interval, tx, stop, stats_every))?;
+    Ok((rx, handle))
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid clock id and out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
+pub fn monotonic_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
 /// Offset from CLOCK_MONOTONIC (kernel timestamps) to the Unix epoch.
 pub fn monotonic_to_unix_offset_ns() -> i128 {
-    let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: valid clock id and out pointer.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-    };
-    let mono = now(libc::CLOCK_MONOTONIC);
-    now(libc::CLOCK_REALTIME) - mono
+    let mono = clock_ns(libc::CLOCK_MONOTONIC);
+    clock_ns(libc::CLOCK_REALTIME) - mono
 }
 
 #[cfg(test)]
