@@ -373,30 +373,37 @@ fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) 
         count(CNT_TRUNCATED);
     }
     let header = unsafe { &mut (*scratch).header };
-    unsafe {
-        if (*conn).comm[0] == 0 {
-            (*conn).comm = process_comm();
-        }
-        header.comm = (*conn).comm;
-        header.seq = (*conn).seq;
-        (*conn).seq += 1;
-        header.conn_start_ns = (*conn).start_ns;
-        header.role = (*conn).role;
-        header.tuple = (*conn).tuple;
-    }
+    fill_from_conn(header, conn, args.sock, pid_tgid, args.fd);
+    unsafe { (*conn).seq += 1 };
     header.ts_enter_ns = args.ts_enter_ns;
     header.ts_exit_ns = unsafe { bpf_ktime_get_ns() };
-    header.sock = args.sock;
     header.len = ret;
-    header.pid = (pid_tgid >> 32) as u32;
-    header.tid = pid_tgid as u32;
-    header.fd = args.fd;
     header.captured = captured as u32;
     header.kind = KIND_DATA;
     header.direction = args.direction;
     header.syscall = args.syscall;
     header.flags = flags;
     output(scratch, captured)
+}
+
+/// Header fields that come from the connection record and the calling thread.
+/// The process name is read once per connection and kept in the record.
+#[inline(always)]
+fn fill_from_conn(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, pid_tgid: u64, fd: i32) {
+    unsafe {
+        if (*conn).comm[0] == 0 {
+            (*conn).comm = process_comm();
+        }
+        header.comm = (*conn).comm;
+        header.seq = (*conn).seq;
+        header.conn_start_ns = (*conn).start_ns;
+        header.role = (*conn).role;
+        header.tuple = (*conn).tuple;
+    }
+    header.sock = sk;
+    header.pid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
+    header.fd = fd;
 }
 
 #[inline(always)]
@@ -563,32 +570,19 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     }
     let fd = arg(ctx, 0) as i32;
     let sk = tcp_sock_of_fd(fd)?;
-    let conn = CONNS.get_ptr(&sk)?;
+    let conn = CONNS.get_ptr_mut(&sk)?;
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let now = unsafe { bpf_ktime_get_ns() };
     let header: &mut EventHeader = unsafe { &mut (*scratch).header };
-    unsafe {
-        header.seq = (*conn).seq;
-        header.conn_start_ns = (*conn).start_ns;
-        header.role = (*conn).role;
-        header.tuple = (*conn).tuple;
-        header.flags = (*conn).flags;
-    }
+    fill_from_conn(header, conn, sk, id, fd);
+    header.flags = unsafe { (*conn).flags };
     header.ts_enter_ns = now;
     header.ts_exit_ns = now;
-    header.sock = sk;
     header.len = 0;
-    header.pid = (id >> 32) as u32;
-    header.tid = id as u32;
-    header.fd = fd;
     header.captured = 0;
     header.kind = KIND_CLOSE;
     header.direction = DIR_EGRESS;
     header.syscall = SYS_CLOSE;
-    header.comm = unsafe { (*conn).comm };
-    if header.comm[0] == 0 {
-        header.comm = process_comm();
-    }
     let _ = CONNS.remove(&sk);
     output(scratch, 0)
 }

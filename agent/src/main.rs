@@ -20,9 +20,6 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Batches in flight between the drain thread and the consumer.
-const QUEUE_BATCHES: usize = 1024;
-
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -76,7 +73,7 @@ fn run_trace(cargs: &agent::cli::CaptureArgs, targs: &TraceArgs, stop: Arc<Atomi
 fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let cfg = cargs.config();
     let cap = Capture::start(&cfg).context("starting capture")?;
-    let (rx, drainer) = capture::spawn_drain(cap, cfg.drain_interval, QUEUE_BATCHES, stop.clone(), cargs.stats_every())
+    let (rx, drainer) = capture::spawn_drain(cap, cfg.drain_interval, stop.clone(), cargs.stats_every())
         .context("spawning drain thread")?;
 
     let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));

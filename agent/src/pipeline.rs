@@ -29,8 +29,6 @@ use crate::{
     },
 };
 
-/// Batches in flight between the drain thread and the pipeline.
-const QUEUE_BATCHES: usize = 1024;
 /// Connections with no traffic for this long are forgotten by the decoder.
 const IDLE_CONN: Duration = Duration::from_secs(300);
 /// A console trace is printed once no span joined it for this long.
@@ -150,7 +148,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     };
     let cap = Capture::start(&opts.capture)?;
     let (rx, drainer) =
-        capture::spawn_drain(cap, opts.capture.drain_interval, QUEUE_BATCHES, stop, opts.stats_every)
+        capture::spawn_drain(cap, opts.capture.drain_interval, stop, opts.stats_every)
             .map_err(PipelineError::Thread)?;
 
     let offset = capture::monotonic_to_unix_offset_ns();
@@ -165,7 +163,6 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     let mut stats = Stats::default();
     let mut last_stats = Instant::now();
     let mut last_tick = Instant::now();
-
 
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {

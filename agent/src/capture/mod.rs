@@ -266,7 +266,7 @@ impl Capture {
 /// Runs the drain loop on the current thread until `stop`, sending batches
 /// into `tx` (dropping and counting when the queue is full). A last drain
 /// after `stop` flushes what the kernel wrote before detaching.
-pub fn run_drain_loop(
+fn run_drain_loop(
     mut cap: Capture,
     interval: Duration,
     tx: SyncSender<Vec<Chunk>>,
@@ -303,16 +303,19 @@ pub fn run_drain_loop(
 /// The drain thread: its chunk queue, and its final counters when joined.
 pub type Drain = (std::sync::mpsc::Receiver<Vec<Chunk>>, thread::JoinHandle<(KernelCounters, UserCounters)>);
 
+/// Batches in flight between the drain thread and the next stage; beyond
+/// this, batches are dropped and counted (`queue_full_chunks`).
+pub const QUEUE_BATCHES: usize = 1024;
+
 /// Spawns the drain loop on its own thread; chunks arrive on the returned
-/// queue (bounded by `queue_batches`), which closes after the final drain.
+/// queue (bounded by `QUEUE_BATCHES`), which closes after the final drain.
 pub fn spawn_drain(
     cap: Capture,
     interval: Duration,
-    queue_batches: usize,
     stop: Arc<AtomicBool>,
     stats_every: Option<Duration>,
 ) -> std::io::Result<Drain> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(queue_batches);
+    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_BATCHES);
     let handle = thread::Builder::new()
         .name("drain".into())
         .spawn(move || run_drain_loop(cap, interval, tx, stop, stats_every))?;
