@@ -1,8 +1,8 @@
 use core::{ffi::c_void, ptr::addr_of};
 
 use agent_common::{
-    Config, ConnInfo, ConnTuple, EventHeader, KernelOffsets, Scratch, SyscallArgs, AF_INET,
-    AF_INET6, CNT_ARGS_FULL, CNT_CONN_FULL, CNT_EVENTS, CNT_READ_FAULT, CNT_RINGBUF_FULL,
+    Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, Scratch, SyscallArgs,
+    AF_INET, AF_INET6, CNT_CONN_FULL, CNT_NO_ENTRY, MAX_CPUS, CNT_EVENTS, CNT_READ_FAULT, CNT_RINGBUF_FULL,
     CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
     FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
     MAX_CAPTURE, MAX_IOVECS, NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE,
@@ -18,6 +18,7 @@ use aya_ebpf::{
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
+    EbpfContext,
 };
 
 // ---------------------------------------------------------------- config ----
@@ -29,7 +30,7 @@ static CONFIG: Config = Config {
     agent_tgid: 0,
     filter: 0,
     capture_cap: DEFAULT_CAPTURE,
-    _pad: 0,
+    nr_cpus: 1,
     offsets: KernelOffsets {
         task_files: 0,
         task_group_leader: 0,
@@ -71,11 +72,31 @@ macro_rules! cfg {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
-/// key: pid_tgid of a thread inside a captured syscall; value: its arguments.
-/// Inserted at entry, removed at exit, and when a thread dies mid-call
-/// (`task_exit`). A plain preallocated hash: an LRU one cost ~2x on this path.
+/// Arguments of the send (index `2 * cpu + DIR_EGRESS`) and receive
+/// (`2 * cpu + DIR_INGRESS`) in
+/// flight on each CPU, from syscall entry to exit. Nearly every call returns
+/// on the CPU it entered on with no other call in between, so a slot per CPU
+/// replaces a per-thread hash: no hashing, locking or allocation at entry,
+/// which runs for every read and write of the selected processes. A call
+/// that finds its slot taken moves the occupant (a call that sleeps, or that
+/// moved CPU) to `SPILL`; an exit that misses its own CPU's slot searches the
+/// other CPUs' slots, then `SPILL`. Sized by the loader; never evicted.
 #[map]
-static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+static SLOTS: Array<SyscallArgs> = Array::with_max_entries(2, 0);
+
+/// key: pid_tgid; value: that thread's entry moved out of `SLOTS` (or a
+/// tombstone, see `SyscallArgs`). Only calls that sleep and lose their slot
+/// come here; removed at exit and thread exit; LRU evicts the rest.
+#[map]
+static SPILL: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// key: tgid << 32 | fd; value: the `struct file` behind it and its TCP sock
+/// (0 for anything else). Saves the second half of the fd walk (file ->
+/// inode -> socket -> sock checks) on every read and write; the first half
+/// (task -> fd table -> file) still runs to check the entry. Removed when the
+/// process closes the fd; LRU evicts the rest.
+#[map]
+static SOCKS: LruHashMap<u64, FdSock> = LruHashMap::with_max_entries(65536, 0);
 
 /// key: kernel `struct sock` address; value: 4-tuple, role, sequence.
 /// Made when TCP reaches ESTABLISHED (or at first data for older sockets),
@@ -132,6 +153,12 @@ fn read_kernel<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
 }
 
+/// Plain load of a field of a BTF-typed kernel object.
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    core::ptr::read_volatile(base.add(off as usize) as *const T)
+}
+
 #[inline(always)]
 fn read_ptr(addr: u64) -> Option<u64> {
     match read_kernel::<u64>(addr) {
@@ -140,9 +167,17 @@ fn read_ptr(addr: u64) -> Option<u64> {
     }
 }
 
+/// A u64 of the tracepoint record at `off` (>= 8), loaded directly: the
+/// verifier allows plain loads from a tracepoint's context, which saves a
+/// helper call per field over `read_at`.
+#[inline(always)]
+fn record_u64(ctx: &TracePointContext, off: usize) -> u64 {
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const u64) }
+}
+
 #[inline(always)]
 fn arg(ctx: &TracePointContext, i: usize) -> u64 {
-    unsafe { ctx.read_at::<u64>(ARG0 + 8 * i) }.unwrap_or(0)
+    record_u64(ctx, ARG0 + 8 * i)
 }
 
 /// Name of the current process (the thread-group leader's `comm`), so that
@@ -177,22 +212,42 @@ fn selected(tgid: u32) -> bool {
     false
 }
 
-/// `struct sock *` behind `fd` of the current task when it is a TCP socket over
-/// IPv4/IPv6; `None` for anything else (files, pipes, unix and UDP sockets).
+/// `struct file *` at `fd` in the current task's fd table.
 #[inline(always)]
-fn tcp_sock_of_fd(fd: i32) -> Option<u64> {
+fn file_of_fd(fd: i32) -> Option<u64> {
     if fd < 0 {
         return None;
     }
-    let task = unsafe { bpf_get_current_task() };
-    let files = read_ptr(task + cfg!(offsets.task_files) as u64)?;
-    let fdt = read_ptr(files + cfg!(offsets.files_fdt) as u64)?;
-    let max_fds = read_kernel::<u32>(fdt + cfg!(offsets.fdtable_max_fds) as u64)?;
+    // Direct loads through the BTF-typed task pointer: the verifier knows the
+    // types, and the offsets, read from frozen `.rodata`, are constants to it.
+    // A faulting load reads 0 rather than failing, like a probe read would.
+    let task = unsafe { generated::bpf_get_current_task_btf() } as *const u8;
+    let (o_files, o_fdt) = (cfg!(offsets.task_files), cfg!(offsets.files_fdt));
+    let (o_max, o_fd) = (cfg!(offsets.fdtable_max_fds), cfg!(offsets.fdtable_fd));
+    let files = unsafe { load::<u64>(task, o_files) } as *const u8;
+    if files.is_null() {
+        return None;
+    }
+    let fdt = unsafe { load::<u64>(files, o_fdt) } as *const u8;
+    if fdt.is_null() {
+        return None;
+    }
+    let max_fds = unsafe { load::<u32>(fdt, o_max) };
     if fd as u32 >= max_fds {
         return None;
     }
-    let fd_array = read_ptr(fdt + cfg!(offsets.fdtable_fd) as u64)?;
-    let file = read_ptr(fd_array + 8 * fd as u64)?;
+    let fd_array = unsafe { load::<u64>(fdt, o_fd) };
+    if fd_array == 0 {
+        return None;
+    }
+    // The array of file pointers is untyped memory to the verifier.
+    read_ptr(fd_array + 8 * fd as u64)
+}
+
+/// `struct sock *` of `file` when it is a TCP socket over IPv4/IPv6; `None`
+/// for anything else (files, pipes, unix and UDP sockets).
+#[inline(always)]
+fn tcp_sock_of_file(file: u64) -> Option<u64> {
     let inode = read_ptr(file + cfg!(offsets.file_inode) as u64)?;
     let mode = read_kernel::<u16>(inode + cfg!(offsets.inode_mode) as u64)?;
     if mode & S_IFMT != S_IFSOCK {
@@ -211,6 +266,32 @@ fn tcp_sock_of_fd(fd: i32) -> Option<u64> {
         return None;
     }
     Some(sk)
+}
+
+#[inline(always)]
+fn fd_key(tgid: u32, fd: i32) -> u64 {
+    ((tgid as u64) << 32) | fd as u32 as u64
+}
+
+/// `struct sock *` behind `fd` of the current task (thread group `tgid`)
+/// when it is a TCP socket, through the `SOCKS` cache.
+#[inline(always)]
+fn tcp_sock_of_fd(tgid: u32, fd: i32) -> Option<u64> {
+    let file = file_of_fd(fd)?;
+    let key = fd_key(tgid, fd);
+    let sock = match unsafe { SOCKS.get(&key) } {
+        Some(c) if c.file == file => c.sock,
+        _ => {
+            let sock = tcp_sock_of_file(file).unwrap_or(0);
+            let _ = SOCKS.insert(&key, &FdSock { file, sock }, 0);
+            sock
+        }
+    };
+    if sock == 0 {
+        None
+    } else {
+        Some(sock)
+    }
 }
 
 /// 4-tuple read from a live `struct sock` (for sockets older than the agent).
@@ -274,30 +355,89 @@ fn conn_of(sk: u64) -> Option<*mut ConnInfo> {
 
 // ------------------------------------------------------- entry and exit ----
 
-/// Common syscall entry: selection, socket check, save arguments.
+/// The slot of `cpu` for calls in `direction`.
+#[inline(always)]
+fn slot(cpu: u32, direction: u8) -> Option<*mut SyscallArgs> {
+    SLOTS.get_ptr_mut(2 * cpu + direction as u32)
+}
+
+/// Common syscall entry: selection, save the arguments in this CPU's slot.
+/// Whether the fd is a TCP socket is checked at exit, and only for calls that
+/// moved bytes.
 #[inline(always)]
 fn save_entry(fd: i32, buf: u64, count_arg: u64, syscall: u8, direction: u8) {
     let id = bpf_get_current_pid_tgid();
-    if !selected((id >> 32) as u32) {
+    if fd < 0 || !selected((id >> 32) as u32) {
         return;
     }
-    let Some(sk) = tcp_sock_of_fd(fd) else { return };
-    if !port_selected(sk) {
-        return;
+    let Some(s) = slot(unsafe { bpf_get_smp_processor_id() }, direction) else { return };
+    unsafe {
+        if (*s).pid_tgid != 0 {
+            // A call that entered here has not returned here: it sleeps, or
+            // returned on another CPU without finding its entry.
+            spill(&*s);
+        }
+        *s = SyscallArgs {
+            buf,
+            count: count_arg,
+            pid_tgid: id,
+            ts_enter_ns: bpf_ktime_get_ns(),
+            fd,
+            syscall,
+            direction,
+            _pad: [0; 2],
+        };
     }
-    let args = SyscallArgs {
-        buf,
-        count: count_arg,
-        sock: sk,
-        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
-        fd,
-        syscall,
-        direction,
-        _pad: [0; 2],
-    };
-    if ARGS.insert(&id, &args, 0).is_err() {
-        count(CNT_ARGS_FULL);
+}
+
+/// Moves a slot's entry to `SPILL`, unless the thread's tombstone there is
+/// newer (then the entry's call already returned and gave it up).
+#[inline(always)]
+fn spill(entry: &SyscallArgs) {
+    if let Some(old) = unsafe { SPILL.get(&entry.pid_tgid) } {
+        if old.syscall == 0 && old.ts_enter_ns >= entry.ts_enter_ns {
+            return;
+        }
     }
+    let _ = SPILL.insert(&entry.pid_tgid, entry, 0);
+}
+
+/// Takes the entry of thread `id`'s `syscall` at its exit: from this CPU's
+/// slot, else another CPU's (the thread moved while it slept), else `SPILL`.
+#[inline(always)]
+fn take_entry(id: u64, syscall: u8, direction: u8) -> Option<SyscallArgs> {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let here = slot(cpu, direction)?;
+    unsafe {
+        if (*here).pid_tgid == id && (*here).syscall == syscall {
+            let entry = *here;
+            (*here).pid_tgid = 0;
+            return Some(entry);
+        }
+    }
+    let cpus = cfg!(nr_cpus);
+    for c in 0..MAX_CPUS {
+        if c >= cpus {
+            break;
+        }
+        let Some(s) = slot(c, direction) else { break };
+        let entry = unsafe { *s };
+        if entry.pid_tgid == id && entry.syscall == syscall {
+            unsafe { (*s).pid_tgid = 0 };
+            return Some(entry);
+        }
+    }
+    if let Some(e) = unsafe { SPILL.get(&id) } {
+        let entry = *e;
+        if entry.syscall == syscall {
+            let _ = SPILL.remove(&id);
+            return Some(entry);
+        }
+    }
+    count(CNT_NO_ENTRY);
+    let tombstone = SyscallArgs { pid_tgid: id, ts_enter_ns: unsafe { bpf_ktime_get_ns() }, ..SyscallArgs::default() };
+    let _ = SPILL.insert(&id, &tombstone, 0);
+    None
 }
 
 /// Copies `len` (<= MAX_CAPTURE) bytes of user memory to `dst`; false on fault.
@@ -348,8 +488,8 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
 /// `VECTORED` is a compile-time switch so that only the four vectored exits
 /// carry the iovec loop: the verifier walks every iteration of it, which costs
 /// about half a second of load time per program.
-fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) -> Option<()> {
-    let conn = conn_of(args.sock)?;
+fn emit_data<const VECTORED: bool>(args: &SyscallArgs, sk: u64, ret: u64, pid_tgid: u64) -> Option<()> {
+    let conn = conn_of(sk)?;
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let mut cap = cfg!(capture_cap) as u64;
     if cap > MAX_CAPTURE as u64 {
@@ -373,7 +513,7 @@ fn emit_data<const VECTORED: bool>(args: &SyscallArgs, ret: u64, pid_tgid: u64) 
         count(CNT_TRUNCATED);
     }
     let header = unsafe { &mut (*scratch).header };
-    fill_from_conn(header, conn, args.sock, pid_tgid, args.fd);
+    fill_from_conn(header, conn, sk, pid_tgid, args.fd);
     unsafe { (*conn).seq += 1 };
     header.ts_enter_ns = args.ts_enter_ns;
     header.ts_exit_ns = unsafe { bpf_ktime_get_ns() };
@@ -418,17 +558,25 @@ fn output(scratch: *mut Scratch, captured: u64) -> Option<()> {
     Some(())
 }
 
-/// Common syscall exit: take the saved arguments, emit when bytes moved.
+/// Common syscall exit: take the saved arguments, emit when bytes moved on
+/// a TCP socket.
 #[inline(always)]
-fn handle_exit<const VECTORED: bool>(ctx: &TracePointContext) {
+fn handle_exit<const VECTORED: bool>(ctx: &TracePointContext, syscall: u8, direction: u8) {
     let id = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { ARGS.get(&id) }).copied() else { return };
-    let _ = ARGS.remove(&id);
-    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let tgid = (id >> 32) as u32;
+    if !selected(tgid) {
+        return;
+    }
+    let Some(args) = take_entry(id, syscall, direction) else { return };
+    let ret = record_u64(ctx, RET) as i64;
     if ret <= 0 {
         return;
     }
-    let _ = emit_data::<VECTORED>(&args, ret as u64, id);
+    let Some(sk) = tcp_sock_of_fd(tgid, args.fd) else { return };
+    if !port_selected(sk) {
+        return;
+    }
+    let _ = emit_data::<VECTORED>(&args, sk, ret as u64, id);
 }
 
 // ------------------------------------------------------------- programs ----
@@ -442,7 +590,7 @@ pub fn enter_read(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_read(ctx: TracePointContext) -> u32 {
-    handle_exit::<false>(&ctx);
+    handle_exit::<false>(&ctx, SYS_READ, DIR_INGRESS);
     0
 }
 #[tracepoint]
@@ -452,7 +600,7 @@ pub fn enter_write(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_write(ctx: TracePointContext) -> u32 {
-    handle_exit::<false>(&ctx);
+    handle_exit::<false>(&ctx, SYS_WRITE, DIR_EGRESS);
     0
 }
 
@@ -464,7 +612,7 @@ pub fn enter_readv(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_readv(ctx: TracePointContext) -> u32 {
-    handle_exit::<true>(&ctx);
+    handle_exit::<true>(&ctx, SYS_READV, DIR_INGRESS);
     0
 }
 #[tracepoint]
@@ -474,7 +622,7 @@ pub fn enter_writev(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_writev(ctx: TracePointContext) -> u32 {
-    handle_exit::<true>(&ctx);
+    handle_exit::<true>(&ctx, SYS_WRITEV, DIR_EGRESS);
     0
 }
 
@@ -489,7 +637,7 @@ pub fn enter_recvfrom(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_recvfrom(ctx: TracePointContext) -> u32 {
-    handle_exit::<false>(&ctx);
+    handle_exit::<false>(&ctx, SYS_RECVFROM, DIR_INGRESS);
     0
 }
 #[tracepoint]
@@ -499,7 +647,7 @@ pub fn enter_sendto(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_sendto(ctx: TracePointContext) -> u32 {
-    handle_exit::<false>(&ctx);
+    handle_exit::<false>(&ctx, SYS_SENDTO, DIR_EGRESS);
     0
 }
 
@@ -526,7 +674,7 @@ pub fn enter_recvmsg(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_recvmsg(ctx: TracePointContext) -> u32 {
-    handle_exit::<true>(&ctx);
+    handle_exit::<true>(&ctx, SYS_RECVMSG, DIR_INGRESS);
     0
 }
 #[tracepoint]
@@ -537,7 +685,7 @@ pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_sendmsg(ctx: TracePointContext) -> u32 {
-    handle_exit::<true>(&ctx);
+    handle_exit::<true>(&ctx, SYS_SENDMSG, DIR_EGRESS);
     0
 }
 
@@ -551,7 +699,7 @@ pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn exit_sendfile(ctx: TracePointContext) -> u32 {
-    handle_exit::<false>(&ctx);
+    handle_exit::<false>(&ctx, SYS_SENDFILE, DIR_EGRESS);
     0
 }
 
@@ -565,11 +713,20 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     let id = bpf_get_current_pid_tgid();
-    if !selected((id >> 32) as u32) {
+    let tgid = (id >> 32) as u32;
+    if !selected(tgid) {
         return None;
     }
     let fd = arg(ctx, 0) as i32;
-    let sk = tcp_sock_of_fd(fd)?;
+    // Only fds a traced read or write met are in SOCKS: other closes (files
+    // opened and closed per request) cost one lookup.
+    let key = fd_key(tgid, fd);
+    let cached = unsafe { SOCKS.get(&key) }.copied()?;
+    let _ = SOCKS.remove(&key);
+    if cached.sock == 0 || file_of_fd(fd) != Some(cached.file) {
+        return None;
+    }
+    let sk = cached.sock;
     let conn = CONNS.get_ptr_mut(&sk)?;
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -592,7 +749,20 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
 #[tracepoint]
 pub fn task_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let _ = ARGS.remove(&id);
+    let _ = SPILL.remove(&id);
+    let cpus = cfg!(nr_cpus);
+    for c in 0..MAX_CPUS {
+        if c >= cpus {
+            break;
+        }
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            if let Some(s) = slot(c, direction) {
+                if unsafe { (*s).pid_tgid } == id {
+                    unsafe { (*s).pid_tgid = 0 };
+                }
+            }
+        }
+    }
     0
 }
 

@@ -142,7 +142,7 @@ impl Summaries {
         let s = self.open.entry(c.conn).or_insert_with(|| ConnSummary {
             conn: c.conn.to_string(),
             pid: c.pid,
-            comm: c.comm.clone(),
+            comm: c.comm.to_string(),
             role: c.role.as_str(),
             local: c.local.to_string(),
             remote: c.remote.to_string(),
@@ -199,7 +199,7 @@ pub fn write_summaries(out: &mut impl Write, s: &[ConnSummary]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::event::{decode, tests::header};
+    use crate::capture::event::tests::{decode_one, header};
     use agent_common::KIND_DATA;
 
     #[test]
@@ -218,7 +218,7 @@ mod tests {
 
     #[test]
     fn json_line_has_the_documented_fields() {
-        let c = decode(&header(KIND_DATA, 3, b"hi\n")).unwrap();
+        let c = decode_one(&header(KIND_DATA, 3, b"hi\n")).unwrap();
         let v: serde_json::Value = serde_json::from_str(&to_json(&c, 1_000)).unwrap();
         assert_eq!(v["ts_ns"], 1_020);
         assert_eq!(v["comm"], "curl");
@@ -238,12 +238,12 @@ mod tests {
         use crate::capture::event::decode;
         use agent_common::KIND_CLOSE;
         let mut sums = Summaries::default();
-        let mut a = decode(&header(KIND_DATA, 0, b"abc")).unwrap();
+        let mut a = decode_one(&header(KIND_DATA, 0, b"abc")).unwrap();
         a.direction = Direction::Egress;
-        let b = decode(&header(KIND_DATA, 1, b"de")).unwrap(); // ingress, truncated
+        let b = decode_one(&header(KIND_DATA, 1, b"de")).unwrap(); // ingress, truncated
         assert!(sums.add(&a).is_empty());
         assert!(sums.add(&b).is_empty());
-        let done = sums.add(&decode(&header(KIND_CLOSE, 2, b"")).unwrap());
+        let done = sums.add(&decode_one(&header(KIND_CLOSE, 2, b"")).unwrap());
         assert_eq!(done.len(), 1);
         let s = &done[0];
         assert!(s.closed);

@@ -228,6 +228,69 @@ fn keepalive_connection_opened_before_the_agent_is_identified() {
     }
 }
 
+const SLEEPERS: &str = r#"
+import os, socket, sys, threading, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(4)
+print(srv.getsockname()[1], flush=True); sys.stdin.readline()
+pairs = []
+for _ in range(3):
+    c = socket.create_connection(srv.getsockname()); s, _ = srv.accept(); pairs.append((c, s))
+got = {}
+def reader(name, sock, ids):
+    os.sched_setaffinity(0, {0})
+    ids.append(threading.get_native_id())
+    got[name] = sock.recv(100)
+def sleeper(name, sock):
+    ids = []
+    t = threading.Thread(target=reader, args=(name, sock, ids)); t.start()
+    while not ids: time.sleep(0.01)
+    time.sleep(0.3)  # now asleep in recv, entered on CPU 0
+    return t, ids[0]
+# 1: the reader wakes on CPU 1 and finds its entry in CPU 0's slot.
+t, tid = sleeper("moved", pairs[0][1])
+os.sched_setaffinity(tid, {1})
+pairs[0][0].sendall(b"GET /moved HTTP/1.1\r\n\r\n"); t.join()
+# 2: a receive on CPU 0 needs the slot first, so the sleeper's entry is moved out.
+t, tid = sleeper("spilled", pairs[1][1])
+pairs[2][0].sendall(b"x"); time.sleep(0.1)
+os.sched_setaffinity(0, {0}); pairs[2][1].recv(1)
+os.sched_setaffinity(tid, {1})
+pairs[1][0].sendall(b"GET /spilled HTTP/1.1\r\n\r\n"); t.join()
+print(got["moved"].split()[1].decode(), got["spilled"].split()[1].decode(), flush=True)
+"#;
+
+/// Entries live in a per-CPU slot from syscall entry to exit. A receive that
+/// sleeps, moves CPU, and loses its slot to another call meanwhile still
+/// returns with its own arguments and entry time.
+#[test]
+fn calls_that_sleep_and_move_cpu_keep_their_entry() {
+    if !require_root("sleepers") {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        assert!(std::env::var("CI").is_err(), "CI machines have two CPUs");
+        eprintln!("skipping sleepers: needs two CPUs");
+        return;
+    }
+    let mut py = python(SLEEPERS, &[]);
+    let port = read_line(&mut py);
+    let agent = Agent::start(&["--port", &port]);
+    write_line(&mut py, "go");
+    assert_eq!(read_line(&mut py), "/moved /spilled");
+    let _ = py.wait();
+    let (chunks, _) = agent.stop();
+    for path in ["/moved", "/spilled"] {
+        let want = format!("GET {path} HTTP/1.1\r\n\r\n");
+        let c = chunks
+            .iter()
+            .find(|c| c.s("direction") == "ingress" && c.payload() == want.as_bytes())
+            .unwrap_or_else(|| panic!("no receive of {path} in {chunks:#?}"));
+        // Entered about 0.3 s before the bytes came: the entry found is its own.
+        assert!(c.n("duration_ns") >= 250_000_000, "{c}");
+        assert_eq!(c.s("role"), "server");
+    }
+}
+
 const BURST: &str = r#"
 import socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])

@@ -139,7 +139,7 @@ struct Mode {
 /// (log line marker, counter) of every drop the agent counts.
 const DROPS: [(&str, &str); 10] = [
     ("capture stopped", "ringbuf_full"),
-    ("capture stopped", "args_full"),
+    ("capture stopped", "no_entry"),
     ("capture stopped", "conn_full"),
     ("capture stopped", "read_fault"),
     ("capture stopped", "queue_full_chunks"),

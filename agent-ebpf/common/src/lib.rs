@@ -15,12 +15,16 @@ pub const DEFAULT_CAPTURE: u32 = 4096;
 /// iovecs walked per `readv`/`writev`/`sendmsg`/`recvmsg`; beyond this the
 /// chunk is marked truncated (the byte count `len` stays exact).
 pub const MAX_IOVECS: u32 = 32;
+/// Most CPUs the per-CPU syscall slots are sized and searched for.
+pub const MAX_CPUS: u32 = 512;
 /// Length of a task's `comm`.
 pub const COMM_LEN: usize = 16;
 
 // ---- map and program names (the userspace loader uses the same constants) ----
 pub const MAP_EVENTS: &str = "EVENTS";
-pub const MAP_ARGS: &str = "ARGS";
+pub const MAP_SLOTS: &str = "SLOTS";
+pub const MAP_SPILL: &str = "SPILL";
+pub const MAP_SOCKS: &str = "SOCKS";
 pub const MAP_CONNS: &str = "CONNS";
 pub const MAP_SCRATCH: &str = "SCRATCH";
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -29,29 +33,32 @@ pub const MAP_FILTER_COMMS: &str = "FILTER_COMMS";
 pub const MAP_FILTER_PORTS: &str = "FILTER_PORTS";
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 
-/// Tracepoint category and name of every program, as `(program, category, tracepoint)`.
+/// Tracepoint category and name of every program, as `(program, category,
+/// tracepoint)`, in attach order: exits before entries, so that no entry is
+/// saved that no exit program will take (calls already in flight when an
+/// exit attaches only miss their capture).
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("enter_read", "syscalls", "sys_enter_read"),
     ("exit_read", "syscalls", "sys_exit_read"),
-    ("enter_write", "syscalls", "sys_enter_write"),
     ("exit_write", "syscalls", "sys_exit_write"),
-    ("enter_readv", "syscalls", "sys_enter_readv"),
     ("exit_readv", "syscalls", "sys_exit_readv"),
-    ("enter_writev", "syscalls", "sys_enter_writev"),
     ("exit_writev", "syscalls", "sys_exit_writev"),
-    ("enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
     ("exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
-    ("enter_sendto", "syscalls", "sys_enter_sendto"),
     ("exit_sendto", "syscalls", "sys_exit_sendto"),
-    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
     ("exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
-    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
     ("exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
-    ("enter_sendfile", "syscalls", "sys_enter_sendfile64"),
     ("exit_sendfile", "syscalls", "sys_exit_sendfile64"),
-    ("enter_close", "syscalls", "sys_enter_close"),
     ("task_exit", "sched", "sched_process_exit"),
     ("sock_set_state", "sock", "inet_sock_set_state"),
+    ("enter_close", "syscalls", "sys_enter_close"),
+    ("enter_read", "syscalls", "sys_enter_read"),
+    ("enter_write", "syscalls", "sys_enter_write"),
+    ("enter_readv", "syscalls", "sys_enter_readv"),
+    ("enter_writev", "syscalls", "sys_enter_writev"),
+    ("enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("enter_sendfile", "syscalls", "sys_enter_sendfile64"),
 ];
 
 // ---- event kinds ----
@@ -102,8 +109,11 @@ pub const CNT_EVENTS: u32 = 0;
 pub const CNT_RINGBUF_FULL: u32 = 1;
 /// Chunks whose payload was cut (cap, iovec limit, fault).
 pub const CNT_TRUNCATED: u32 = 2;
-/// Entries not saved because the argument map insert failed.
-pub const CNT_ARGS_FULL: u32 = 3;
+/// Syscall exits of selected processes with no saved entry: calls already in
+/// flight when the agent attached (expected, a few per blocked thread), or
+/// entries lost in a race between CPUs or evicted from `SPILL`. Such a call
+/// is not captured.
+pub const CNT_NO_ENTRY: u32 = 3;
 /// Connection records not stored because the insert failed.
 pub const CNT_CONN_FULL: u32 = 4;
 /// Payload reads from user memory that failed.
@@ -114,7 +124,7 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "events",
     "ringbuf_full",
     "truncated",
-    "args_full",
+    "no_entry",
     "conn_full",
     "read_fault",
 ];
@@ -165,7 +175,8 @@ pub struct Config {
     pub filter: u32,
     /// Payload bytes copied per syscall (<= MAX_CAPTURE).
     pub capture_cap: u32,
-    pub _pad: u32,
+    /// Possible CPUs (<= MAX_CPUS): the `SLOTS` map holds two per CPU.
+    pub nr_cpus: u32,
     pub offsets: KernelOffsets,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 96);
@@ -205,7 +216,11 @@ pub struct ConnInfo {
 }
 const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
 
-/// Syscall arguments saved at entry, keyed by `pid_tgid`, consumed at exit.
+/// Syscall arguments saved at entry and consumed at exit, in the calling
+/// CPU's slot (`SLOTS`), or in `SPILL` when another call needed the slot
+/// first. `pid_tgid == 0` marks a free slot. In `SPILL`, `syscall == 0`
+/// marks a tombstone: the thread's last lost entry, so that an entry moved
+/// there later by a slow CPU is known to be stale.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyscallArgs {
@@ -213,8 +228,7 @@ pub struct SyscallArgs {
     pub buf: u64,
     /// Buffer length, or iovec count for vectored calls.
     pub count: u64,
-    /// Kernel `struct sock` address behind the fd.
-    pub sock: u64,
+    pub pid_tgid: u64,
     pub ts_enter_ns: u64,
     pub fd: i32,
     pub syscall: u8,
@@ -222,6 +236,18 @@ pub struct SyscallArgs {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<SyscallArgs>() == 40);
+
+/// `SOCKS` value: what an fd of a process was when last looked up. `file` is
+/// the kernel `struct file` address, checked against the fd table on every
+/// use, so an fd closed or replaced behind our back is looked up afresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FdSock {
+    pub file: u64,
+    /// Kernel `struct sock` address when a TCP socket over IPv4/IPv6, else 0.
+    pub sock: u64,
+}
+const _: () = assert!(core::mem::size_of::<FdSock>() == 16);
 
 /// Fixed header of every ring-buffer record; `KIND_DATA` records are followed
 /// by `captured` payload bytes.

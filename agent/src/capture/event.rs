@@ -2,8 +2,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use bytes::{Bytes, BytesMut};
+
 use agent_common::{
-    ConnTuple, EventHeader, AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
+    ConnTuple, COMM_LEN, EventHeader, AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
     FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, ROLE_CLIENT, ROLE_SERVER,
 };
 
@@ -61,6 +63,57 @@ pub enum ChunkKind {
     Close,
 }
 
+/// A process name as the kernel keeps it (at most 15 bytes, NUL padded),
+/// held inline: a `String` per chunk cost an allocation, a free and a UTF-8
+/// check on every record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm([u8; COMM_LEN]);
+
+impl Comm {
+    pub fn new(raw: [u8; COMM_LEN]) -> Self {
+        Self(raw)
+    }
+
+    /// The name up to its first NUL; invalid UTF-8 (names are bytes to the
+    /// kernel) ends it at the last valid character.
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        match std::str::from_utf8(&self.0[..end]) {
+            Ok(s) => s,
+            Err(e) => std::str::from_utf8(&self.0[..e.valid_up_to()]).unwrap_or_default(),
+        }
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&str> for Comm {
+    /// Test and config helper: the first 15 bytes of `s`.
+    fn from(s: &str) -> Self {
+        let mut raw = [0u8; COMM_LEN];
+        let n = s.len().min(COMM_LEN - 1);
+        raw[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Self(raw)
+    }
+}
+
 /// One captured syscall (or close) on a TCP connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
@@ -73,7 +126,7 @@ pub struct Chunk {
     pub ts_exit_ns: u64,
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub fd: i32,
     pub role: Role,
     pub direction: Direction,
@@ -86,7 +139,9 @@ pub struct Chunk {
     pub late_conn: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    pub payload: Vec<u8>,
+    /// Captured bytes: a slice of the drain pass's shared buffer, so a chunk
+    /// costs no allocation of its own.
+    pub payload: Bytes,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,13 +182,8 @@ pub fn addrs(t: &ConnTuple) -> Result<(SocketAddr, SocketAddr), DecodeError> {
     ))
 }
 
-fn comm(raw: &[u8]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
-}
-
-/// Decodes one ring-buffer record.
-pub fn decode(record: &[u8]) -> Result<Chunk, DecodeError> {
+/// Decodes one ring-buffer record, copying its payload to the end of `arena`.
+pub fn decode(record: &[u8], arena: &mut BytesMut) -> Result<Chunk, DecodeError> {
     if record.len() < EVENT_HEADER_SIZE {
         return Err(DecodeError::Short(record.len()));
     }
@@ -170,7 +220,7 @@ pub fn decode(record: &[u8]) -> Result<Chunk, DecodeError> {
         ts_exit_ns: h.ts_exit_ns,
         pid: h.pid,
         tid: h.tid,
-        comm: comm(&h.comm),
+        comm: Comm::new(h.comm),
         fd: h.fd,
         role,
         direction,
@@ -180,7 +230,10 @@ pub fn decode(record: &[u8]) -> Result<Chunk, DecodeError> {
         late_conn: h.flags & FLAG_LATE_CONN != 0,
         local,
         remote,
-        payload: payload.to_vec(),
+        payload: {
+            arena.extend_from_slice(payload);
+            arena.split().freeze()
+        },
     })
 }
 
@@ -188,6 +241,10 @@ pub fn decode(record: &[u8]) -> Result<Chunk, DecodeError> {
 pub(crate) mod tests {
     use super::*;
     use agent_common::{SYS_WRITE, SYS_READ};
+
+    pub(crate) fn decode_one(record: &[u8]) -> Result<Chunk, DecodeError> {
+        decode(record, &mut BytesMut::new())
+    }
 
     pub(crate) fn header(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
         let mut t = ConnTuple { family: AF_INET, local_port: 8080, remote_port: 40000, ..Default::default() };
@@ -224,11 +281,11 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_a_data_record() {
-        let c = decode(&header(KIND_DATA, 7, b"GET / HTTP/1.1\r\n")).unwrap();
+        let c = decode_one(&header(KIND_DATA, 7, b"GET / HTTP/1.1\r\n")).unwrap();
         assert_eq!(c.kind, ChunkKind::Data);
         assert_eq!(c.seq, 7);
-        assert_eq!(c.comm, "curl");
-        assert_eq!(c.payload, b"GET / HTTP/1.1\r\n");
+        assert_eq!(c.comm.as_str(), "curl");
+        assert_eq!(&c.payload[..], b"GET / HTTP/1.1\r\n");
         assert_eq!(c.len, 16 + 7);
         assert!(c.truncated && !c.late_conn);
         assert_eq!(c.local.to_string(), "127.0.0.1:8080");
@@ -239,12 +296,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn comm_stops_at_nul_and_at_invalid_utf8() {
+        let mut raw = [0u8; COMM_LEN];
+        raw[..5].copy_from_slice(b"nginx");
+        assert_eq!(Comm::new(raw).as_str(), "nginx");
+        raw[5] = 0xff;
+        raw[6] = b'x';
+        assert_eq!(Comm::new(raw).as_str(), "nginx");
+        assert_eq!(Comm::new([b'a'; COMM_LEN]).as_str().len(), COMM_LEN);
+        assert_eq!(Comm::from("a-very-long-process-name").as_str(), "a-very-long-pro");
+    }
+
+    #[test]
     fn rejects_bad_records() {
-        assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Short(10)));
+        assert_eq!(decode_one(&[0u8; 10]), Err(DecodeError::Short(10)));
         let mut r = header(KIND_DATA, 0, b"abcdef");
         r.truncate(r.len() - 2);
-        assert_eq!(decode(&r), Err(DecodeError::PayloadOutOfRange { captured: 6, available: 4 }));
-        assert_eq!(decode(&header(9, 0, b"")), Err(DecodeError::Kind(9)));
+        assert_eq!(decode_one(&r), Err(DecodeError::PayloadOutOfRange { captured: 6, available: 4 }));
+        assert_eq!(decode_one(&header(9, 0, b"")), Err(DecodeError::Kind(9)));
     }
 
     #[test]

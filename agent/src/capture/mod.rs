@@ -20,14 +20,14 @@ use std::{
 use agent_common::{
     Config, COMM_LEN, COUNTER_NAMES, FILTER_COMM, FILTER_PID, FILTER_PORT, GLOBAL_CONFIG,
     MAP_COUNTERS, MAP_EVENTS, MAP_FILTER_COMMS, MAP_FILTER_PIDS, MAP_FILTER_PORTS, MAP_SCRATCH,
-    MAX_CAPTURE, NUM_COUNTERS, PROGRAMS,
+    MAP_SLOTS, MAX_CAPTURE, MAX_CPUS, NUM_COUNTERS, PROGRAMS,
 };
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-pub use event::{Chunk, ChunkKind, ConnId, Direction, Role};
+pub use event::{Chunk, ChunkKind, Comm, ConnId, Direction, Role};
 
 /// The kernel object, built by `cargo xtask build` and embedded at compile time.
 #[cfg(embedded_ebpf)]
@@ -41,6 +41,8 @@ pub enum CaptureError {
     NoObject,
     #[error("capture cap {0} is out of range 1..={MAX_CAPTURE}")]
     Cap(u32),
+    #[error("{0} possible CPUs: the capture supports 1..={MAX_CPUS}")]
+    Cpus(u32),
     #[error("process name {0:?} is longer than {max} bytes", max = COMM_LEN - 1)]
     Comm(String),
     #[error(transparent)]
@@ -89,7 +91,15 @@ impl Default for CaptureConfig {
 
 impl CaptureConfig {
     /// The `.rodata` configuration the programs are verified with.
-    pub fn kernel_config(&self, agent_tgid: u32, offsets: agent_common::KernelOffsets) -> Result<Config, CaptureError> {
+    pub fn kernel_config(
+        &self,
+        agent_tgid: u32,
+        nr_cpus: u32,
+        offsets: agent_common::KernelOffsets,
+    ) -> Result<Config, CaptureError> {
+        if nr_cpus == 0 || nr_cpus > MAX_CPUS {
+            return Err(CaptureError::Cpus(nr_cpus));
+        }
         if self.capture_bytes == 0 || self.capture_bytes as usize > MAX_CAPTURE {
             return Err(CaptureError::Cap(self.capture_bytes));
         }
@@ -103,7 +113,7 @@ impl CaptureConfig {
         if !self.ports.is_empty() {
             filter |= FILTER_PORT;
         }
-        Ok(Config { agent_tgid, filter, capture_cap: self.capture_bytes, _pad: 0, offsets })
+        Ok(Config { agent_tgid, filter, capture_cap: self.capture_bytes, nr_cpus, offsets })
     }
 
     /// Process names as the kernel stores them: NUL padded, at most 15 bytes.
@@ -165,8 +175,13 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     roles: roles::RoleResolver,
     reorder: reorder::Reorder,
+    /// Payload bytes of chunks, copied out of the ring buffer.
+    arena: bytes::BytesMut,
     pub user: UserCounters,
 }
+
+/// Size of each payload buffer chunks share.
+const ARENA_BYTES: usize = 1 << 20;
 
 impl Capture {
     /// Loads, configures and attaches the programs.
@@ -175,13 +190,14 @@ impl Capture {
             return Err(CaptureError::NoObject);
         }
         let offsets = btf::Btf::from_file(btf::VMLINUX_BTF)?.kernel_offsets()?;
-        let kcfg = cfg.kernel_config(std::process::id(), offsets)?;
-        let comms = cfg.comm_keys()?;
         let cpus = aya::util::nr_cpus().map_or(256, |n| n as u32);
+        let kcfg = cfg.kernel_config(std::process::id(), cpus, offsets)?;
+        let comms = cfg.comm_keys()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_CONFIG, &kcfg, true)
             .map_max_entries(MAP_EVENTS, cfg.ringbuf_bytes.next_power_of_two().max(4096))
             .map_max_entries(MAP_SCRATCH, cpus)
+            .map_max_entries(MAP_SLOTS, 2 * cpus)
             .load(OBJECT)?;
 
         fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
@@ -224,6 +240,7 @@ impl Capture {
             counters,
             roles: roles::RoleResolver::default(),
             reorder: reorder::Reorder::default(),
+            arena: bytes::BytesMut::new(),
             user: UserCounters::default(),
         })
     }
@@ -234,7 +251,12 @@ impl Capture {
         self.roles.sweep(now);
         while let Some(item) = self.ring.next() {
             self.user.records += 1;
-            match event::decode(&item) {
+            // Room for one more record without reallocating per record: the
+            // buffer is shared by this pass's chunks and freed with the last.
+            if self.arena.capacity() < MAX_CAPTURE {
+                self.arena = bytes::BytesMut::with_capacity(ARENA_BYTES);
+            }
+            match event::decode(&item, &mut self.arena) {
                 Ok(mut c) => {
                     self.user.bytes += c.payload.len() as u64;
                     self.roles.resolve(&mut c, now);
@@ -348,18 +370,20 @@ mod tests {
     fn config_validation() {
         let off = agent_common::KernelOffsets::default();
         let mut c = CaptureConfig::default();
-        assert_eq!(c.kernel_config(7, off).unwrap().filter, 0);
+        assert_eq!(c.kernel_config(7, 2, off).unwrap().filter, 0);
+        assert!(matches!(c.kernel_config(7, 0, off), Err(CaptureError::Cpus(0))));
+        assert!(matches!(c.kernel_config(7, MAX_CPUS + 1, off), Err(CaptureError::Cpus(_))));
         c.pids = vec![1];
         c.ports = vec![80];
-        let k = c.kernel_config(7, off).unwrap();
+        let k = c.kernel_config(7, 2, off).unwrap();
         assert_eq!((k.agent_tgid, k.filter, k.capture_cap), (7, FILTER_PID | FILTER_PORT, 4096));
         c.comms = vec!["nginx".into()];
-        assert_eq!(c.kernel_config(7, off).unwrap().filter, FILTER_PID | FILTER_PORT | FILTER_COMM);
+        assert_eq!(c.kernel_config(7, 2, off).unwrap().filter, FILTER_PID | FILTER_PORT | FILTER_COMM);
         let key = c.comm_keys().unwrap()[0];
         assert_eq!(&key[..6], b"nginx\0");
         for bad in [0, MAX_CAPTURE as u32 + 1] {
             c.capture_bytes = bad;
-            assert!(matches!(c.kernel_config(7, off), Err(CaptureError::Cap(_))));
+            assert!(matches!(c.kernel_config(7, 2, off), Err(CaptureError::Cap(_))));
         }
         c.comms = vec!["a-very-long-process-name".into()];
         assert!(matches!(c.comm_keys(), Err(CaptureError::Comm(_))));

@@ -159,7 +159,7 @@ impl Reorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::event::{decode, tests::header};
+    use crate::capture::event::tests::{decode_one as decode, header};
     use std::time::Duration;
     use agent_common::{KIND_CLOSE, KIND_DATA};
 

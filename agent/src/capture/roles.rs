@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn roles_are_kept_per_connection_and_forgotten_when_idle() {
-        use crate::capture::event::{decode, tests::header};
+        use crate::capture::event::tests::{decode_one as decode, header};
         use agent_common::KIND_DATA;
         let mut r = RoleResolver::with_listeners(&[("127.0.0.1".parse().unwrap(), 8080)]);
         let mut c = decode(&header(KIND_DATA, 0, b"x")).unwrap();

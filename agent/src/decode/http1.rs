@@ -716,7 +716,7 @@ fn blank_exchange(chunk: &Chunk, role: Role) -> HttpExchange {
         conn: chunk.conn,
         pid: chunk.pid,
         tid: chunk.tid,
-        comm: chunk.comm.clone(),
+        comm: chunk.comm.to_string(),
         role,
         local: chunk.local,
         remote: chunk.remote,
@@ -789,7 +789,7 @@ impl Conn {
     /// First payload of the connection decides whether we decode it at all,
     /// and for Role::Unknown which end is the client.
     fn on_fresh(&mut self, probes: u32, ctx: &mut Ctx, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
-        let data = chunk.payload.as_slice();
+        let data = &chunk.payload[..];
         let start = skip_crlf(data, 0);
         if start >= data.len() {
             // Nothing to classify (empty, CRLF only or all hole).
@@ -874,7 +874,7 @@ impl Conn {
         start: usize,
         out: &mut Vec<HttpExchange>,
     ) {
-        let data = chunk.payload.as_slice();
+        let data = &chunk.payload[..];
         let mut pos = start;
         if matches!(st.state, State::Resync) {
             let p = skip_crlf(data, pos);
@@ -929,7 +929,7 @@ impl Conn {
         pos: usize,
         out: &mut Vec<HttpExchange>,
     ) -> usize {
-        let data = chunk.payload.as_slice();
+        let data = &chunk.payload[..];
         let max = ctx.limits.max_head_bytes;
         let mut pos = pos;
         if st.buf.is_empty() {
@@ -1435,7 +1435,7 @@ mod tests {
             ts_exit_ns: exit,
             pid: 42,
             tid: 43,
-            comm: "curl".to_string(),
+            comm: "curl".into(),
             fd: 3,
             role,
             direction: dir,
@@ -1445,7 +1445,7 @@ mod tests {
             late_conn: false,
             local,
             remote,
-            payload: payload.to_vec(),
+            payload: bytes::Bytes::copy_from_slice(payload),
         }
     }
 
