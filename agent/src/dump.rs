@@ -235,7 +235,6 @@ mod tests {
 
     #[test]
     fn summaries_add_up_per_connection_and_report_at_close() {
-        use crate::capture::event::decode;
         use agent_common::KIND_CLOSE;
         let mut sums = Summaries::default();
         let mut a = decode_one(&header(KIND_DATA, 0, b"abc")).unwrap();
