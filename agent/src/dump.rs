@@ -1,11 +1,11 @@
 //! `agent dump`: one JSON object per captured chunk, the user's view of what
 //! the agent sees.
 
-use std::{collections::HashMap, io::Write};
+use std::io::Write;
 
 use serde::Serialize;
 
-use crate::capture::{Chunk, ChunkKind, ConnId, Direction};
+use crate::capture::{Chunk, ChunkKind, ConnMap, Direction};
 
 /// Open connections a summary keeps before it reports them early.
 const MAX_OPEN_SUMMARIES: usize = 65536;
@@ -132,7 +132,7 @@ pub struct ConnSummary {
 /// Aggregates chunks per connection.
 #[derive(Default)]
 pub struct Summaries {
-    open: HashMap<ConnId, ConnSummary>,
+    open: ConnMap<ConnSummary>,
 }
 
 impl Summaries {

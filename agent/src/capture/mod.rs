@@ -27,7 +27,7 @@ use aya::{
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-pub use event::{Chunk, ChunkKind, Comm, ConnId, Direction, Role};
+pub use event::{Chunk, ChunkKind, Comm, ConnId, ConnMap, Direction, Role};
 
 /// The kernel object, built by `cargo xtask build` and embedded at compile time.
 #[cfg(embedded_ebpf)]

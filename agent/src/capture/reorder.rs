@@ -12,11 +12,11 @@
 //! therefore forgotten, so the state stays bounded on a busy host.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use super::event::{Chunk, ChunkKind, ConnId};
+use super::event::{Chunk, ChunkKind, ConnMap};
 
 /// Chunks held per connection before a gap is given up on regardless.
 const MAX_HELD: usize = 256;
@@ -46,7 +46,7 @@ pub struct ReorderStats {
 }
 
 pub struct Reorder {
-    conns: HashMap<ConnId, ConnOrder>,
+    conns: ConnMap<ConnOrder>,
     pub stats: ReorderStats,
     /// Start of the current drain pass (one clock read per pass, not per chunk).
     now: Instant,
@@ -55,7 +55,7 @@ pub struct Reorder {
 
 impl Default for Reorder {
     fn default() -> Self {
-        Self { conns: HashMap::new(), stats: ReorderStats::default(), now: Instant::now(), passes: 0 }
+        Self { conns: ConnMap::default(), stats: ReorderStats::default(), now: Instant::now(), passes: 0 }
     }
 }
 

@@ -9,13 +9,13 @@
 //! traffic (a process that dies never calls close).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use super::{
-    event::{Chunk, ChunkKind, ConnId, Role},
+    event::{Chunk, ChunkKind, ConnMap, Role},
     reorder::IDLE,
 };
 
@@ -70,7 +70,7 @@ pub struct RoleResolver {
     listeners: HashSet<(IpAddr, u16)>,
     refreshed: Option<Instant>,
     /// Role and the last time the connection was seen.
-    known: HashMap<ConnId, (Role, Instant)>,
+    known: ConnMap<(Role, Instant)>,
     last_sweep: Option<Instant>,
 }
 
@@ -144,7 +144,7 @@ impl RoleResolver {
     fn with_listeners(l: &[(IpAddr, u16)]) -> Self {
         // Refreshed "in the future": the test never reads the real /proc.
         let refreshed = Some(Instant::now() + Duration::from_secs(3600));
-        Self { listeners: l.iter().copied().collect(), refreshed, known: HashMap::new(), last_sweep: None }
+        Self { listeners: l.iter().copied().collect(), refreshed, known: ConnMap::default(), last_sweep: None }
     }
 }
 

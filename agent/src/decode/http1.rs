@@ -18,9 +18,9 @@
 //! - garbage, non-HTTP and HTTP/2 connections must be dropped cheaply and
 //!   without ever pairing a response with the wrong request.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
-use crate::capture::{Chunk, ChunkKind, ConnId, Direction, Role};
+use crate::capture::{Chunk, ChunkKind, ConnId, ConnMap, Direction, Role};
 
 use super::{Header, HttpExchange, Outcome};
 
@@ -1310,7 +1310,7 @@ impl Conn {
 /// order; connections are independent.
 pub struct Http1Decoder {
     ctx: Ctx,
-    conns: HashMap<ConnId, Conn>,
+    conns: ConnMap<Conn>,
     /// tick -> connection; the smallest tick is the least recently used.
     lru: BTreeMap<u64, ConnId>,
     tick: u64,
@@ -1323,7 +1323,7 @@ impl Http1Decoder {
                 limits,
                 c: DecodeCounters::default(),
             },
-            conns: HashMap::new(),
+            conns: ConnMap::default(),
             lru: BTreeMap::new(),
             tick: 0,
         }
