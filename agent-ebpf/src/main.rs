@@ -2,16 +2,18 @@
 //! send/recv of the selected processes, with connection identity and timing.
 //!
 //! Hooks: syscall tracepoints (`syscalls:sys_{enter,exit}_*`). This kernel has
-//! no kprobes, and syscall tracepoints are a stable ABI with the user buffer
-//! pointers we need; entry saves the arguments per thread, exit copies
-//! `min(ret, cap)` bytes. `sock:inet_sock_set_state` gives each connection its
+//! no kprobes and refuses fentry/fexit (EPERM), and syscall tracepoints are a
+//! stable ABI with the user buffer pointers we need; entry only saves the
+//! arguments in a per-CPU slot (it runs for every read and write of a traced
+//! process, sockets or not), exit copies `min(ret, cap)` bytes. `sock:inet_sock_set_state` gives each connection its
 //! role (client/server) and 4-tuple at the moment it is established, which is
 //! right even for connections that live under a millisecond.
 //!
-//! The syscall tracepoints only give an fd. We walk
-//! `current->files->fdt->fd[fd]->private_data(socket)->sk` with field offsets
-//! that userspace reads from the kernel's BTF (Rust eBPF has no CO-RE), which
-//! also rejects pipes, files and unix sockets with a few reads.
+//! The syscall tracepoints only give an fd. At exit, for calls that moved
+//! bytes, we walk `current->files->fdt->fd[fd]->private_data(socket)->sk` with
+//! field offsets that userspace reads from the kernel's BTF (Rust eBPF has no
+//! CO-RE); what the fd's file turned out to be is cached per process and fd,
+//! so pipes, files and unix sockets are rejected with one lookup.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
