@@ -402,28 +402,35 @@ fn spill(entry: &SyscallArgs) {
     let _ = SPILL.insert(&entry.pid_tgid, entry, 0);
 }
 
+/// Takes thread `id`'s entry from the slot of `cpu` for `direction` when it
+/// is there (for `syscall`, or any syscall when `syscall` is 0), freeing it.
+#[inline(always)]
+fn take_slot(cpu: u32, direction: u8, id: u64, syscall: u8) -> Option<SyscallArgs> {
+    let s = slot(cpu, direction)?;
+    unsafe {
+        if (*s).pid_tgid != id || (syscall != 0 && (*s).syscall != syscall) {
+            return None;
+        }
+        let entry = *s;
+        (*s).pid_tgid = 0;
+        Some(entry)
+    }
+}
+
 /// Takes the entry of thread `id`'s `syscall` at its exit: from this CPU's
 /// slot, else another CPU's (the thread moved while it slept), else `SPILL`.
 #[inline(always)]
 fn take_entry(id: u64, syscall: u8, direction: u8) -> Option<SyscallArgs> {
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let here = slot(cpu, direction)?;
-    unsafe {
-        if (*here).pid_tgid == id && (*here).syscall == syscall {
-            let entry = *here;
-            (*here).pid_tgid = 0;
-            return Some(entry);
-        }
+    if let Some(entry) = take_slot(cpu, direction, id, syscall) {
+        return Some(entry);
     }
     let cpus = cfg!(nr_cpus);
     for c in 0..MAX_CPUS {
         if c >= cpus {
             break;
         }
-        let Some(s) = slot(c, direction) else { break };
-        let entry = unsafe { *s };
-        if entry.pid_tgid == id && entry.syscall == syscall {
-            unsafe { (*s).pid_tgid = 0 };
+        if let Some(entry) = take_slot(c, direction, id, syscall) {
             return Some(entry);
         }
     }
@@ -756,11 +763,7 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
             break;
         }
         for direction in [DIR_EGRESS, DIR_INGRESS] {
-            if let Some(s) = slot(c, direction) {
-                if unsafe { (*s).pid_tgid } == id {
-                    unsafe { (*s).pid_tgid = 0 };
-                }
-            }
+            let _ = take_slot(c, direction, id, 0);
         }
     }
     0
