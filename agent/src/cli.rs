@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::capture::CaptureConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about = "eBPF-based, zero-instrumentation tracing agent")]
+#[command(
+    name = "agent",
+    version,
+    about = "eBPF-based, zero-instrumentation tracing agent"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub capture: CaptureArgs,
@@ -49,6 +53,10 @@ pub struct TraceArgs {
     /// How long an exchange waits for the other end of its connection (ms).
     #[arg(long, default_value_t = 300, global = true)]
     pub pair_window_ms: u64,
+    /// Leave out the pre-2026 gRPC attributes (`rpc.system`, `rpc.service`,
+    /// `rpc.grpc.status_code`) and keep only the current conventions' ones.
+    #[arg(long, global = true)]
+    pub no_legacy_rpc_attributes: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -133,8 +141,18 @@ mod tests {
     #[test]
     fn selection_flags_parse() {
         let cli = Cli::try_parse_from([
-            "agent", "dump", "--pid", "10", "--pid", "11", "--comm", "nginx", "--port", "8080",
-            "--capture-bytes", "16384",
+            "agent",
+            "dump",
+            "--pid",
+            "10",
+            "--pid",
+            "11",
+            "--comm",
+            "nginx",
+            "--port",
+            "8080",
+            "--capture-bytes",
+            "16384",
         ])
         .unwrap();
         let c = cli.capture.config();
@@ -148,8 +166,25 @@ mod tests {
     #[test]
     fn trace_flags_work_with_and_without_the_subcommand() {
         for args in [
-            &["agent", "--otlp-endpoint", "http://h:4318", "--sampler-ratio", "0.25", "--service-name", "a=b"][..],
-            &["agent", "trace", "--otlp-endpoint", "http://h:4318", "--sampler-ratio", "0.25", "--service-name", "a=b"],
+            &[
+                "agent",
+                "--otlp-endpoint",
+                "http://h:4318",
+                "--sampler-ratio",
+                "0.25",
+                "--service-name",
+                "a=b",
+            ][..],
+            &[
+                "agent",
+                "trace",
+                "--otlp-endpoint",
+                "http://h:4318",
+                "--sampler-ratio",
+                "0.25",
+                "--service-name",
+                "a=b",
+            ],
         ] {
             let cli = Cli::try_parse_from(args).unwrap();
             assert_eq!(cli.trace.otlp_endpoint.as_deref(), Some("http://h:4318"));

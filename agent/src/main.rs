@@ -1,6 +1,9 @@
 use std::{
     io::Write,
-    sync::{atomic::{AtomicBool, Ordering}, mpsc, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -24,7 +27,9 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .init();
     if let Err(e) = run(cli) {
         eprintln!("agent: {e:#}");
@@ -37,7 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while shutting down exits at once.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone()).context("signal handler")?;
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .context("signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("signal handler")?;
     }
     match cli.command.unwrap_or(Command::Trace) {
@@ -46,17 +52,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn run_trace(cargs: &agent::cli::CaptureArgs, targs: &TraceArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn run_trace(
+    cargs: &agent::cli::CaptureArgs,
+    targs: &TraceArgs,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let env = |k: &str| std::env::var(k).ok();
-    let sink = match OtlpConfig::resolve(targs.otlp_endpoint.as_deref(), env).context("OTLP exporter configuration")? {
+    let sink = match OtlpConfig::resolve(targs.otlp_endpoint.as_deref(), env)
+        .context("OTLP exporter configuration")?
+    {
         Some(cfg) => SinkConfig::Otlp(cfg),
         None if targs.output == Output::Json => SinkConfig::ConsoleJson,
         None => SinkConfig::ConsoleTree,
     };
     let sampler = match targs.sampler_ratio {
         Some(r) => Sampler::ParentBased(Box::new(Sampler::TraceIdRatio(r))),
-        None => Sampler::from_env_values(env("OTEL_TRACES_SAMPLER").as_deref(), env("OTEL_TRACES_SAMPLER_ARG").as_deref())
-            .context("OTEL_TRACES_SAMPLER")?,
+        None => Sampler::from_env_values(
+            env("OTEL_TRACES_SAMPLER").as_deref(),
+            env("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+        )
+        .context("OTEL_TRACES_SAMPLER")?,
     };
     let opts = TraceOptions {
         capture: cargs.config(),
@@ -64,19 +79,27 @@ fn run_trace(cargs: &agent::cli::CaptureArgs, targs: &TraceArgs, stop: Arc<Atomi
         sink,
         service_names: resource::parse_mappings(&targs.service_names)?,
         pair_window: Duration::from_millis(targs.pair_window_ms),
+        legacy_rpc_attributes: !targs.no_legacy_rpc_attributes,
         stats_every: cargs.stats_every(),
     };
     pipeline::run_trace(opts, stop).context("tracing")?;
     Ok(())
 }
 
-fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn run_dump(
+    cargs: &agent::cli::CaptureArgs,
+    args: &DumpArgs,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let cfg = cargs.config();
     let cap = Capture::start(&cfg).context("starting capture")?;
-    let (rx, drainer) = capture::spawn_drain(cap, cfg.drain_interval, stop.clone(), cargs.stats_every())
-        .context("spawning drain thread")?;
+    let (rx, drainer) =
+        capture::spawn_drain(cap, cfg.drain_interval, stop.clone(), cargs.stats_every())
+            .context("spawning drain thread")?;
 
-    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
     let offset = capture::monotonic_to_unix_offset_ns();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -104,7 +127,9 @@ fn run_dump(cargs: &agent::cli::CaptureArgs, args: &DumpArgs, stop: Arc<AtomicBo
     }
     let _ = dump::write_summaries(&mut out, &summaries.finish());
     let _ = out.flush();
-    let (kernel, user) = drainer.join().map_err(|_| anyhow::anyhow!("drain thread panicked"))?;
+    let (kernel, user) = drainer
+        .join()
+        .map_err(|_| anyhow::anyhow!("drain thread panicked"))?;
     tracing::info!(%kernel, %user, "capture stopped");
     Ok(())
 }

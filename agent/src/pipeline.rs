@@ -21,7 +21,7 @@ use crate::{
         spans::SpanBuilder,
         SpanRecord,
     },
-    decode::{Http1Decoder, Limits},
+    decode::Decoder,
     export::{
         convert, json,
         otlp::{ExportCounters, OtlpConfig, OtlpExporter},
@@ -61,6 +61,8 @@ pub struct TraceOptions {
     pub sink: SinkConfig,
     pub service_names: HashMap<String, String>,
     pub pair_window: Duration,
+    /// Also set the older gRPC attribute names (see `SpanBuilder`).
+    pub legacy_rpc_attributes: bool,
     pub stats_every: Option<Duration>,
 }
 
@@ -89,7 +91,13 @@ impl ProtoResources {
 }
 
 impl Sink {
-    fn span(&mut self, span: SpanRecord, res: Arc<ProcessResource>, protos: &mut ProtoResources, out: &mut impl Write) {
+    fn span(
+        &mut self,
+        span: SpanRecord,
+        res: Arc<ProcessResource>,
+        protos: &mut ProtoResources,
+        out: &mut impl Write,
+    ) {
         match self {
             Self::Otlp(exporter) => exporter.send(protos.get(&res), convert::span(&span)),
             Self::Tree(t) => {
@@ -152,8 +160,9 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             .map_err(PipelineError::Thread)?;
 
     let offset = capture::monotonic_to_unix_offset_ns();
-    let mut decoder = Http1Decoder::new(Limits::default());
-    let mut builder = SpanBuilder::new(opts.sampler, offset, opts.pair_window.as_nanos() as u64);
+    let mut decoder = Decoder::default();
+    let mut builder = SpanBuilder::new(opts.sampler, offset, opts.pair_window.as_nanos() as u64)
+        .with_legacy_rpc_attributes(opts.legacy_rpc_attributes);
     let mut resources = Resources::new(opts.service_names);
     let mut protos = ProtoResources::default();
     let stdout = std::io::stdout();
@@ -195,7 +204,10 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             sink.tick(&mut out);
             last_tick = Instant::now();
         }
-        if opts.stats_every.is_some_and(|every| last_stats.elapsed() >= every) {
+        if opts
+            .stats_every
+            .is_some_and(|every| last_stats.elapsed() >= every)
+        {
             stats.log("pipeline counters", &decoder, &builder, sink.counters());
             last_stats = Instant::now();
         }
@@ -233,8 +245,9 @@ struct Stats {
 }
 
 impl Stats {
-    fn log(&self, what: &str, decoder: &Http1Decoder, builder: &SpanBuilder, export: ExportCounters) {
-        let d = decoder.counters();
+    fn log(&self, what: &str, decoder: &Decoder, builder: &SpanBuilder, export: ExportCounters) {
+        let all = decoder.counters();
+        let (d, h2) = (all.http1, all.http2);
         let s = builder.counters;
         tracing::info!(
             chunks = self.chunks,
@@ -250,6 +263,22 @@ impl Stats {
             oversized_heads = d.oversized_heads,
             dropped_connections = d.dropped_connections,
             orphan_responses = d.orphan_responses,
+            h2_connections = h2.connections,
+            h2_late_connections = h2.late_connections,
+            h2_upgrades = h2.upgrades,
+            h2_exchanges = h2.exchanges,
+            h2_incomplete_exchanges = h2.incomplete_exchanges,
+            h2_frames = h2.frames,
+            h2_sync_lost = h2.sync_lost,
+            h2_resyncs = h2.resyncs,
+            h2_bytes_skipped = h2.bytes_skipped,
+            h2_header_blocks_lost = h2.header_blocks_lost,
+            h2_oversized_header_blocks = h2.oversized_header_blocks,
+            h2_hpack_errors = h2.hpack_errors,
+            h2_streams_damaged = h2.streams_damaged,
+            h2_streams_over_limit = h2.streams_over_limit,
+            h2_dropped_connections = h2.dropped_connections,
+            h2_protocol_errors = h2.protocol_errors,
             spans = s.spans,
             server_spans = s.server_spans,
             client_spans = s.client_spans,

@@ -78,7 +78,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::decode::Header;
+use crate::decode::Headers;
 
 /// Lowercase header names this module reads.
 pub const CONTEXT_HEADERS: &[&str] = &[
@@ -235,7 +235,7 @@ pub struct Extracted {
 
 /// Extracts the first valid context by the documented precedence
 /// (W3C, B3 single, B3 multi, Jaeger). See the module docs.
-pub fn extract(headers: &[Header]) -> Extracted {
+pub fn extract(headers: &Headers) -> Extracted {
     let mut out = Extracted::default();
     let parsed = [
         (Format::W3c, parse_w3c(headers)),
@@ -275,13 +275,13 @@ enum Lookup<'a> {
     Many,
 }
 
-fn lookup<'a>(headers: &'a [Header], name: &str) -> Lookup<'a> {
+fn lookup<'a>(headers: &'a Headers, name: &str) -> Lookup<'a> {
     let mut found = Lookup::Absent;
     // Names should already be lowercase (decoder contract); comparing
     // case-insensitively costs nothing and keeps us robust.
     for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)) {
         found = match found {
-            Lookup::Absent => Lookup::One(&h.value),
+            Lookup::Absent => Lookup::One(h.value),
             Lookup::One(_) | Lookup::Many => return Lookup::Many,
         };
     }
@@ -302,7 +302,7 @@ fn bounded(value: &str) -> Option<&str> {
 
 // ---------------------------------------------------------------- W3C
 
-fn parse_w3c(headers: &[Header]) -> Parsed {
+fn parse_w3c(headers: &Headers) -> Parsed {
     let value = match lookup(headers, "traceparent") {
         Lookup::Absent => return Parsed::Absent,
         Lookup::Many => return Parsed::Malformed,
@@ -314,7 +314,7 @@ fn parse_w3c(headers: &[Header]) -> Parsed {
     let states: Vec<&str> = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("tracestate"))
-        .map(|h| h.value.as_str())
+        .map(|h| h.value)
         .collect();
     Parsed::Valid(RemoteContext {
         format: Format::W3c,
@@ -488,7 +488,7 @@ fn b3_context(
     }
 }
 
-fn parse_b3_single(headers: &[Header]) -> Parsed {
+fn parse_b3_single(headers: &Headers) -> Parsed {
     let value = match lookup(headers, "b3") {
         Lookup::Absent => return Parsed::Absent,
         Lookup::Many => return Parsed::Malformed,
@@ -521,7 +521,7 @@ fn parse_b3_single(headers: &[Header]) -> Parsed {
     }
 }
 
-fn parse_b3_multi(headers: &[Header]) -> Parsed {
+fn parse_b3_multi(headers: &Headers) -> Parsed {
     let get = |name| match lookup(headers, name) {
         Lookup::Absent => Ok(None),
         Lookup::One(v) => bounded(v).map(Some).ok_or(()),
@@ -584,7 +584,7 @@ fn parse_b3_multi(headers: &[Header]) -> Parsed {
 
 // ---------------------------------------------------------------- Jaeger
 
-fn parse_jaeger(headers: &[Header]) -> Parsed {
+fn parse_jaeger(headers: &Headers) -> Parsed {
     let value = match lookup(headers, "uber-trace-id") {
         Lookup::Absent => return Parsed::Absent,
         Lookup::Many => return Parsed::Malformed,
@@ -743,6 +743,12 @@ fn fill_random_nonzero(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::Header;
+
+    /// The extractor over a list of headers, as the decoders' `Headers` hold them.
+    fn extract(headers: &[Header]) -> Extracted {
+        super::extract(&headers.iter().collect())
+    }
 
     #[test]
     fn random_ids_are_distinct_and_nonzero_across_pool_refills() {

@@ -21,6 +21,7 @@ pub enum SpanKind {
 pub enum AttrValue {
     Str(String),
     Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,9 @@ pub struct SpanRecord {
 
 impl SpanRecord {
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
-        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     capture::Role,
-    decode::{Header, HttpExchange, Outcome},
+    decode::{Headers, HttpExchange, Outcome, Protocol},
 };
 
 /// Query parameters whose values are redacted in `url.query` (the
@@ -49,7 +49,9 @@ const SENSITIVE_QUERY_PARAMS: &[&str] = &[
     "client_secret",
     "auth",
 ];
-const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
+const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+];
 /// Exchanges waiting for their peer; beyond this the oldest go out unpaired.
 const MAX_WAITING: usize = 65536;
 
@@ -97,6 +99,9 @@ pub struct SpanBuilder {
     /// looks at the other kind of its own connection.
     by_key: HashMap<PairKey, VecDeque<u64>>,
     next_id: u64,
+    /// Also set the pre-2026 gRPC attributes (`rpc.system`, `rpc.service`,
+    /// `rpc.grpc.status_code`) that many dashboards still query.
+    legacy_rpc: bool,
     pub counters: SpanCounters,
 }
 
@@ -110,8 +115,15 @@ impl SpanBuilder {
             waiting: HashMap::new(),
             by_key: HashMap::new(),
             next_id: 0,
+            legacy_rpc: true,
             counters: SpanCounters::default(),
         }
+    }
+
+    /// Turns the legacy gRPC attributes on or off (on by default).
+    pub fn with_legacy_rpc_attributes(mut self, on: bool) -> Self {
+        self.legacy_rpc = on;
+        self
     }
 
     /// Takes one exchange (`now_ns`: kernel monotonic time); appends spans that are ready.
@@ -129,7 +141,9 @@ impl SpanBuilder {
         if let Some(c) = &extracted.context {
             match c.format {
                 context::Format::W3c => self.counters.context_w3c += 1,
-                context::Format::B3Single | context::Format::B3Multi => self.counters.context_b3 += 1,
+                context::Format::B3Single | context::Format::B3Multi => {
+                    self.counters.context_b3 += 1
+                }
                 context::Format::Jaeger => self.counters.context_jaeger += 1,
             }
         }
@@ -137,12 +151,24 @@ impl SpanBuilder {
             SpanKind::Client => (ex.local, ex.remote),
             SpanKind::Server => (ex.remote, ex.local),
         };
-        let deny = extracted.context.is_none() && header(&ex.request_headers, "b3").is_some_and(|v| v.trim() == "0");
-        let me = Waiting { ex, ctx: extracted.context, kind, key, deadline_ns: now_ns + self.pair_window_ns, deny };
+        let deny = extracted.context.is_none()
+            && header(&ex.request_headers, "b3").is_some_and(|v| v.trim() == "0");
+        let me = Waiting {
+            ex,
+            ctx: extracted.context,
+            kind,
+            key,
+            deadline_ns: now_ns + self.pair_window_ns,
+            deny,
+        };
         if let Some(peer_id) = self.find_peer(&me) {
             if let Some(peer) = self.take(peer_id) {
                 self.counters.paired += 1;
-                let (client, server) = if me.kind == SpanKind::Client { (me, peer) } else { (peer, me) };
+                let (client, server) = if me.kind == SpanKind::Client {
+                    (me, peer)
+                } else {
+                    (peer, me)
+                };
                 self.emit_pair(client, server, out);
                 return;
             }
@@ -193,7 +219,11 @@ impl SpanBuilder {
         let ids = self.by_key.get(&(me.key, other))?;
         ids.iter().copied().find(|id| {
             self.waiting.get(id).is_some_and(|w| {
-                let (c, s) = if me.kind == SpanKind::Client { (&me.ex, &w.ex) } else { (&w.ex, &me.ex) };
+                let (c, s) = if me.kind == SpanKind::Client {
+                    (&me.ex, &w.ex)
+                } else {
+                    (&w.ex, &me.ex)
+                };
                 // Causality on one clock: the server read the request after the
                 // client began sending it, and before the client finished.
                 s.request_first_ns >= c.request_first_ns && s.request_first_ns <= end_ns(c)
@@ -226,7 +256,11 @@ impl SpanBuilder {
             Some(c) => (c.trace_id, Some(c.span_id)),
             None => (TraceId::random(), None),
         };
-        (trace_id, parent, !w.deny && self.sampler.should_sample(trace_id, w.ctx.as_ref()))
+        (
+            trace_id,
+            parent,
+            !w.deny && self.sampler.should_sample(trace_id, w.ctx.as_ref()),
+        )
     }
 
     fn emit_alone(&mut self, w: Waiting, out: &mut Vec<SpanRecord>) {
@@ -245,7 +279,15 @@ impl SpanBuilder {
             ("client_send", self.unix(client.ex.request_first_ns)),
             ("client_receive", self.unix(end_ns(&client.ex))),
         ];
-        self.finish_with_id(&client, trace_id, parent, client_span, sampled, c_events, out);
+        self.finish_with_id(
+            &client,
+            trace_id,
+            parent,
+            client_span,
+            sampled,
+            c_events,
+            out,
+        );
         // The server continues the request's own context when it has one (the
         // same bytes crossed the connection); otherwise the client span is its parent.
         let (s_trace, s_parent, s_sampled) = match &server.ctx {
@@ -288,8 +330,16 @@ impl SpanBuilder {
         events.sort_by_key(|e| e.1);
         let method = normalize_method(&ex.method);
         let path = url_path(&ex.target);
-        let name = format!("{} {}", if method == "_OTHER" { "HTTP" } else { method }, path);
-        let status = span_status(w.kind, ex);
+        let grpc = Grpc::of(ex);
+        let name = match &grpc {
+            Some(g) => g.method.to_string(),
+            None => format!(
+                "{} {}",
+                if method == "_OTHER" { "HTTP" } else { method },
+                path
+            ),
+        };
+        let status = span_status(w.kind, ex, grpc.as_ref());
         let flags = w.ctx.as_ref().map_or(1, |c| c.trace_flags | 1);
         let span = SpanRecord {
             trace_id,
@@ -302,11 +352,11 @@ impl SpanBuilder {
             kind: w.kind,
             start_ns,
             end_ns: end,
-            attributes: attributes(w.kind, ex, method, &path),
+            attributes: attributes(w.kind, ex, method, &path, grpc.as_ref(), self.legacy_rpc),
             events,
             status,
             pid: ex.pid,
-            comm: ex.comm.clone(),
+            comm: ex.comm.to_string(),
         };
         self.counters.spans += 1;
         match w.kind {
@@ -319,15 +369,103 @@ impl SpanBuilder {
 
 /// The last moment of an exchange this end saw.
 fn end_ns(ex: &HttpExchange) -> u64 {
-    ex.response_last_ns.or(ex.response_first_ns).unwrap_or(ex.request_last_ns).max(ex.request_first_ns)
+    ex.response_last_ns
+        .or(ex.response_first_ns)
+        .unwrap_or(ex.request_last_ns)
+        .max(ex.request_first_ns)
 }
 
-fn header<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
-    headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.get(name)
+}
+
+/// gRPC status code names, indexed by code.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+/// Codes that are errors on a server (OpenTelemetry gRPC conventions): the
+/// server failed, not the caller.
+const GRPC_SERVER_ERRORS: [u32; 6] = [2, 4, 12, 13, 14, 15];
+/// HTTP/2 RST_STREAM CANCEL: the gRPC call was cancelled.
+const H2_CANCEL: u32 = 8;
+
+/// A gRPC call: an HTTP/2 stream whose request is `application/grpc*`.
+struct Grpc<'a> {
+    /// `package.Service/Method`.
+    method: &'a str,
+    /// `package.Service`.
+    service: &'a str,
+    /// From the trailers, or the headers of a Trailers-Only response; a reset
+    /// stream is CANCELLED.
+    code: Option<u32>,
+}
+
+impl<'a> Grpc<'a> {
+    fn of(ex: &'a HttpExchange) -> Option<Self> {
+        if !matches!(ex.protocol, Protocol::Http2 { .. }) {
+            return None;
+        }
+        let ct = header(&ex.request_headers, "content-type")?;
+        if !ct
+            .as_bytes()
+            .get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        {
+            return None;
+        }
+        let method = ex.target.strip_prefix('/').unwrap_or(&ex.target);
+        let method = method.split('?').next().unwrap_or(method);
+        let service = method.rsplit_once('/').map_or(method, |(s, _)| s);
+        let code = header(&ex.trailers, "grpc-status")
+            .or_else(|| header(&ex.response_headers, "grpc-status"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .or(match ex.outcome {
+                Outcome::Reset { code: H2_CANCEL } => Some(1),
+                _ => None,
+            });
+        Some(Self {
+            method,
+            service,
+            code,
+        })
+    }
+
+    fn code_name(&self) -> Option<&'static str> {
+        self.code
+            .map(|c| GRPC_CODES.get(c as usize).copied().unwrap_or("UNKNOWN"))
+    }
+
+    fn is_error(&self, kind: SpanKind) -> bool {
+        match (self.code, kind) {
+            (Some(0), _) | (None, _) => false,
+            (Some(_), SpanKind::Client) => true,
+            (Some(c), SpanKind::Server) => GRPC_SERVER_ERRORS.contains(&c),
+        }
+    }
 }
 
 fn normalize_method(m: &str) -> &str {
-    KNOWN_METHODS.iter().copied().find(|k| *k == m).unwrap_or("_OTHER")
+    KNOWN_METHODS
+        .iter()
+        .copied()
+        .find(|k| *k == m)
+        .unwrap_or("_OTHER")
 }
 
 /// Path of a request-target (origin or absolute form), without the query.
@@ -340,7 +478,11 @@ pub fn url_path(target: &str) -> String {
         None => target,
     };
     let path = rest.split(['?', '#']).next().unwrap_or("");
-    if path.is_empty() { "/".to_string() } else { path.to_string() }
+    if path.is_empty() {
+        "/".to_string()
+    } else {
+        path.to_string()
+    }
 }
 
 /// Query of a request-target with the values of sensitive parameters replaced.
@@ -350,7 +492,13 @@ pub fn redacted_query(target: &str) -> Option<String> {
     let parts: Vec<String> = q
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((k, _)) if SENSITIVE_QUERY_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(k)) => format!("{k}=REDACTED"),
+            Some((k, _))
+                if SENSITIVE_QUERY_PARAMS
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(k)) =>
+            {
+                format!("{k}=REDACTED")
+            }
             _ => pair.to_string(),
         })
         .collect();
@@ -374,9 +522,19 @@ fn parse_host(v: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
-fn span_status(kind: SpanKind, ex: &HttpExchange) -> Status {
-    if ex.outcome == Outcome::Aborted {
-        return Status::Error("connection closed before the response completed".into());
+fn span_status(kind: SpanKind, ex: &HttpExchange, grpc: Option<&Grpc<'_>>) -> Status {
+    match (&ex.outcome, grpc) {
+        (_, Some(g)) if g.is_error(kind) => {
+            return Status::Error(g.code_name().unwrap_or("UNKNOWN").to_string())
+        }
+        (Outcome::Aborted, _) => {
+            return Status::Error("connection closed before the response completed".into())
+        }
+        (Outcome::Reset { code }, _) => {
+            return Status::Error(format!("stream reset (HTTP/2 error code {code})"))
+        }
+        (_, Some(g)) if g.code.is_some() => return Status::Unset,
+        _ => {}
     }
     match ex.status {
         Some(s) if s >= 500 => Status::Error(format!("HTTP {s}")),
@@ -385,18 +543,54 @@ fn span_status(kind: SpanKind, ex: &HttpExchange) -> Status {
     }
 }
 
-fn attributes(kind: SpanKind, ex: &HttpExchange, method: &str, path: &str) -> Vec<(&'static str, AttrValue)> {
-    use AttrValue::{Int, Str};
-    let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(20);
-    a.push(("http.request.method", Str(method.to_string())));
-    if method == "_OTHER" {
-        a.push(("http.request.method_original", Str(ex.method.clone())));
+fn attributes(
+    kind: SpanKind,
+    ex: &HttpExchange,
+    method: &str,
+    path: &str,
+    grpc: Option<&Grpc<'_>>,
+    legacy_rpc: bool,
+) -> Vec<(&'static str, AttrValue)> {
+    use AttrValue::{Bool, Int, Str};
+    let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(24);
+    match grpc {
+        Some(g) => {
+            a.push(("rpc.system.name", Str("grpc".into())));
+            a.push(("rpc.method", Str(g.method.to_string())));
+            if let Some(name) = g.code_name() {
+                a.push(("rpc.status_code", Str(name.into())));
+            }
+            if legacy_rpc {
+                a.push(("rpc.system", Str("grpc".into())));
+                a.push(("rpc.service", Str(g.service.to_string())));
+                if let Some(c) = g.code {
+                    a.push(("rpc.grpc.status_code", Int(i64::from(c))));
+                }
+            }
+        }
+        None if !ex.method.is_empty() => {
+            a.push(("http.request.method", Str(method.to_string())));
+            if method == "_OTHER" {
+                a.push(("http.request.method_original", Str(ex.method.clone())));
+            }
+        }
+        None => {}
     }
-    a.push(("url.path", Str(path.to_string())));
-    if let Some(q) = redacted_query(&ex.target) {
-        a.push(("url.query", Str(q)));
+    if grpc.is_none() && !ex.target.is_empty() {
+        a.push(("url.path", Str(path.to_string())));
+        if let Some(q) = redacted_query(&ex.target) {
+            a.push(("url.query", Str(q)));
+        }
     }
-    a.push(("url.scheme", Str("http".into())));
+    let h2 = matches!(ex.protocol, Protocol::Http2 { .. });
+    let scheme = if h2 {
+        header(&ex.request_headers, ":scheme")
+    } else {
+        Some("http")
+    };
+    if let (None, Some(scheme)) = (grpc, scheme) {
+        a.push(("url.scheme", Str(scheme.to_string())));
+    }
     if let Some(s) = ex.status {
         a.push(("http.response.status_code", Int(i64::from(s))));
     }
@@ -404,7 +598,9 @@ fn attributes(kind: SpanKind, ex: &HttpExchange, method: &str, path: &str) -> Ve
         SpanKind::Client => (ex.remote, ex.remote),
         SpanKind::Server => (ex.local, ex.remote),
     };
-    let host = header(&ex.request_headers, "host").and_then(parse_host);
+    let host = header(&ex.request_headers, ":authority")
+        .or_else(|| header(&ex.request_headers, "host"))
+        .and_then(parse_host);
     let (server_address, server_port) = match host {
         Some((h, p)) => (h, p.unwrap_or(fallback.port())),
         None => (fallback.ip().to_string(), fallback.port()),
@@ -427,17 +623,40 @@ fn attributes(kind: SpanKind, ex: &HttpExchange, method: &str, path: &str) -> Ve
     a.push(("network.peer.address", Str(peer.ip().to_string())));
     a.push(("network.peer.port", Int(i64::from(peer.port()))));
     a.push(("network.protocol.name", Str("http".into())));
-    a.push(("network.protocol.version", Str(format!("1.{}", ex.version_minor))));
+    let version = match ex.protocol {
+        Protocol::Http1 { minor: 0 } => "1.0",
+        Protocol::Http1 { .. } => "1.1",
+        Protocol::Http2 { .. } => "2",
+    };
+    a.push(("network.protocol.version", Str(version.into())));
+    if let Protocol::Http2 { stream_id } = ex.protocol {
+        a.push(("http2.stream.id", Int(i64::from(stream_id))));
+    }
     if let Some(ua) = header(&ex.request_headers, "user-agent") {
         a.push(("user_agent.original", Str(ua.to_string())));
     }
     a.push(("http.request.body.size", Int(ex.request_body_bytes as i64)));
-    a.push(("http.response.body.size", Int(ex.response_body_bytes as i64)));
+    a.push((
+        "http.response.body.size",
+        Int(ex.response_body_bytes as i64),
+    ));
     a.push(("thread.id", Int(i64::from(ex.tid))));
-    match (&ex.outcome, ex.status) {
-        (Outcome::Aborted, _) => a.push(("error.type", Str("aborted".into()))),
-        (_, Some(s)) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => a.push(("error.type", Str(s.to_string()))),
-        (Outcome::Upgraded { protocol }, _) => a.push(("network.protocol.upgrade", Str(protocol.clone()))),
+    if ex.incomplete {
+        a.push(("http2.hpack.incomplete", Bool(true)));
+    }
+    match (&ex.outcome, ex.status, grpc) {
+        (_, _, Some(g)) if g.is_error(kind) => {
+            a.push(("error.type", Str(g.code_name().unwrap_or("UNKNOWN").into())))
+        }
+        (Outcome::Aborted, _, _) => a.push(("error.type", Str("aborted".into()))),
+        (Outcome::Reset { .. }, _, _) => a.push(("error.type", Str("reset".into()))),
+        (_, _, Some(g)) if g.code.is_some() => {}
+        (_, Some(s), _) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => {
+            a.push(("error.type", Str(s.to_string())))
+        }
+        (Outcome::Upgraded { protocol }, _, _) => {
+            a.push(("network.protocol.upgrade", Str(protocol.clone())))
+        }
         _ => {}
     }
     a
@@ -448,9 +667,18 @@ mod tests {
     use super::*;
     use crate::capture::ConnId;
 
-    fn ex(role: Role, local: &str, remote: &str, headers: &[(&str, &str)], t: (u64, u64, u64, u64)) -> HttpExchange {
+    fn ex(
+        role: Role,
+        local: &str,
+        remote: &str,
+        headers: &[(&str, &str)],
+        t: (u64, u64, u64, u64),
+    ) -> HttpExchange {
         HttpExchange {
-            conn: ConnId { sock: 1, start_ns: 1 },
+            conn: ConnId {
+                sock: 1,
+                start_ns: 1,
+            },
             pid: 10,
             tid: 11,
             comm: "svc".into(),
@@ -459,10 +687,11 @@ mod tests {
             remote: remote.parse().unwrap(),
             method: "GET".into(),
             target: "/a/b?x=1&token=abc".into(),
-            version_minor: 1,
-            request_headers: headers.iter().map(|(n, v)| Header { name: n.to_string(), value: v.to_string() }).collect(),
+            protocol: Protocol::Http1 { minor: 1 },
+            request_headers: headers.iter().copied().collect(),
             status: Some(200),
-            response_headers: vec![],
+            response_headers: Headers::default(),
+            trailers: Headers::default(),
             request_body_bytes: 0,
             response_body_bytes: 5,
             request_first_ns: t.0,
@@ -470,6 +699,7 @@ mod tests {
             response_first_ns: Some(t.2),
             response_last_ns: Some(t.3),
             outcome: Outcome::Complete,
+            incomplete: false,
         }
     }
 
@@ -477,7 +707,11 @@ mod tests {
     const S: &str = "00f067aa0ba902b7";
 
     fn builder() -> SpanBuilder {
-        SpanBuilder::new(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)), 1_000, 100)
+        SpanBuilder::new(
+            Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            1_000,
+            100,
+        )
     }
 
     #[test]
@@ -485,7 +719,17 @@ mod tests {
         let mut b = builder();
         let mut out = vec![];
         let tp = format!("00-{T}-{S}-01");
-        let e = ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[("traceparent", &tp), ("host", "example:8080"), ("user-agent", "curl/8")], (100, 110, 150, 160));
+        let e = ex(
+            Role::Server,
+            "127.0.0.1:8080",
+            "127.0.0.1:50000",
+            &[
+                ("traceparent", &tp),
+                ("host", "example:8080"),
+                ("user-agent", "curl/8"),
+            ],
+            (100, 110, 150, 160),
+        );
         b.push(e, 0, &mut out);
         b.flush(u64::MAX, &mut out);
         assert_eq!(out.len(), 1);
@@ -519,18 +763,47 @@ mod tests {
         let mut b = builder();
         let mut out = vec![];
         // The server's exchange completes first, then the client's.
-        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[], (110, 111, 140, 141)), 0, &mut out);
+        b.push(
+            ex(
+                Role::Server,
+                "127.0.0.1:8080",
+                "127.0.0.1:50000",
+                &[],
+                (110, 111, 140, 141),
+            ),
+            0,
+            &mut out,
+        );
         assert!(out.is_empty(), "waits for its peer");
-        b.push(ex(Role::Client, "127.0.0.1:50000", "127.0.0.1:8080", &[], (100, 101, 145, 150)), 0, &mut out);
+        b.push(
+            ex(
+                Role::Client,
+                "127.0.0.1:50000",
+                "127.0.0.1:8080",
+                &[],
+                (100, 101, 145, 150),
+            ),
+            0,
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         let (c, s) = (&out[0], &out[1]);
         assert_eq!((c.kind, s.kind), (SpanKind::Client, SpanKind::Server));
         assert_eq!(c.trace_id, s.trace_id);
         assert_eq!(s.parent_span_id, Some(c.span_id));
         assert_eq!(c.parent_span_id, None);
-        assert_eq!(c.events, vec![("server_receive", 1_110), ("server_send", 1_141)]);
-        assert_eq!(s.events, vec![("client_send", 1_100), ("client_receive", 1_150)]);
-        assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns, "client contains server");
+        assert_eq!(
+            c.events,
+            vec![("server_receive", 1_110), ("server_send", 1_141)]
+        );
+        assert_eq!(
+            s.events,
+            vec![("client_send", 1_100), ("client_receive", 1_150)]
+        );
+        assert!(
+            c.start_ns <= s.start_ns && s.end_ns <= c.end_ns,
+            "client contains server"
+        );
         assert_eq!(b.counters.paired, 1);
         assert_eq!(b.waiting(), 0);
     }
@@ -539,9 +812,33 @@ mod tests {
     fn paired_spans_with_context_keep_the_callers_parent() {
         let mut b = builder();
         let mut out = vec![];
-        let h = [("x-b3-traceid", T), ("x-b3-spanid", S), ("x-b3-sampled", "1")];
-        b.push(ex(Role::Client, "127.0.0.1:50000", "127.0.0.1:8080", &h, (100, 101, 145, 150)), 0, &mut out);
-        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &h, (110, 111, 140, 141)), 0, &mut out);
+        let h = [
+            ("x-b3-traceid", T),
+            ("x-b3-spanid", S),
+            ("x-b3-sampled", "1"),
+        ];
+        b.push(
+            ex(
+                Role::Client,
+                "127.0.0.1:50000",
+                "127.0.0.1:8080",
+                &h,
+                (100, 101, 145, 150),
+            ),
+            0,
+            &mut out,
+        );
+        b.push(
+            ex(
+                Role::Server,
+                "127.0.0.1:8080",
+                "127.0.0.1:50000",
+                &h,
+                (110, 111, 140, 141),
+            ),
+            0,
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         for s in &out {
             assert_eq!(s.trace_id.to_hex(), T);
@@ -553,9 +850,29 @@ mod tests {
     fn unpaired_exchanges_wait_the_window_then_go_alone() {
         let mut b = builder();
         let mut out = vec![];
-        b.push(ex(Role::Server, "127.0.0.1:8080", "127.0.0.1:50000", &[], (110, 111, 140, 141)), 1_000, &mut out);
+        b.push(
+            ex(
+                Role::Server,
+                "127.0.0.1:8080",
+                "127.0.0.1:50000",
+                &[],
+                (110, 111, 140, 141),
+            ),
+            1_000,
+            &mut out,
+        );
         // A client on another connection does not pair.
-        b.push(ex(Role::Client, "127.0.0.1:50001", "127.0.0.1:8080", &[], (100, 101, 145, 150)), 1_000, &mut out);
+        b.push(
+            ex(
+                Role::Client,
+                "127.0.0.1:50001",
+                "127.0.0.1:8080",
+                &[],
+                (100, 101, 145, 150),
+            ),
+            1_000,
+            &mut out,
+        );
         b.flush(1_099, &mut out);
         assert!(out.is_empty());
         b.flush(1_100, &mut out);
@@ -567,19 +884,51 @@ mod tests {
     #[test]
     fn status_and_sampling_table() {
         // (role, status, outcome, headers, want exported, want error)
-        let deny = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")];
-        type Case<'a> = (Role, Option<u16>, Outcome, &'a [(&'a str, &'a str)], bool, bool);
+        let deny = [(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )];
+        type Case<'a> = (
+            Role,
+            Option<u16>,
+            Outcome,
+            &'a [(&'a str, &'a str)],
+            bool,
+            bool,
+        );
         let cases: Vec<Case<'_>> = vec![
             (Role::Server, Some(200), Outcome::Complete, &[], true, false),
             (Role::Server, Some(404), Outcome::Complete, &[], true, false),
             (Role::Client, Some(404), Outcome::Complete, &[], true, true),
             (Role::Server, Some(503), Outcome::Complete, &[], true, true),
             (Role::Client, None, Outcome::Aborted, &[], true, true),
-            (Role::Server, Some(200), Outcome::Complete, &deny, false, false),
-            (Role::Server, Some(200), Outcome::Complete, &[("b3", "0")], false, false),
-            (Role::Server, Some(200), Outcome::Complete, &[("b3", "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0")], false, false),
+            (
+                Role::Server,
+                Some(200),
+                Outcome::Complete,
+                &deny,
+                false,
+                false,
+            ),
+            (
+                Role::Server,
+                Some(200),
+                Outcome::Complete,
+                &[("b3", "0")],
+                false,
+                false,
+            ),
+            (
+                Role::Server,
+                Some(200),
+                Outcome::Complete,
+                &[("b3", "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0")],
+                false,
+                false,
+            ),
         ];
-        for (i, (role, status, outcome, headers, exported, error)) in cases.into_iter().enumerate() {
+        for (i, (role, status, outcome, headers, exported, error)) in cases.into_iter().enumerate()
+        {
             let mut b = builder();
             let mut out = vec![];
             let mut e = ex(role, "127.0.0.1:1", "127.0.0.1:2", headers, (1, 2, 3, 4));
@@ -596,11 +945,21 @@ mod tests {
 
     #[test]
     fn url_helpers() {
-        let paths = [("/a?b=1", "/a"), ("/", "/"), ("http://h:1/x/y?z", "/x/y"), ("http://h", "/"), ("*", "*"), ("/p#f", "/p")];
+        let paths = [
+            ("/a?b=1", "/a"),
+            ("/", "/"),
+            ("http://h:1/x/y?z", "/x/y"),
+            ("http://h", "/"),
+            ("*", "*"),
+            ("/p#f", "/p"),
+        ];
         for (t, want) in paths {
             assert_eq!(url_path(t), want, "{t}");
         }
-        assert_eq!(redacted_query("/a?b=1&Signature=s&sig=x&c"), Some("b=1&Signature=REDACTED&sig=REDACTED&c".into()));
+        assert_eq!(
+            redacted_query("/a?b=1&Signature=s&sig=x&c"),
+            Some("b=1&Signature=REDACTED&sig=REDACTED&c".into())
+        );
         assert_eq!(redacted_query("/a"), None);
         assert_eq!(parse_host("[::1]:8080"), Some(("::1".into(), Some(8080))));
         assert_eq!(parse_host("h"), Some(("h".into(), None)));

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::capture::{Chunk, ChunkKind, ConnId, ConnMap, Direction, Role};
 
-use super::{Header, HttpExchange, Outcome};
+use super::{moment_ns, Headers, HttpExchange, Outcome, Protocol};
 
 /// Resource bounds. Every buffer and queue the decoder keeps is capped by one
 /// of these, so a hostile or broken peer cannot make the agent grow.
@@ -115,18 +115,6 @@ fn role_for(side: Side, dir: Direction) -> Role {
     match (side, dir) {
         (Side::Req, Direction::Egress) | (Side::Resp, Direction::Ingress) => Role::Client,
         (Side::Req, Direction::Ingress) | (Side::Resp, Direction::Egress) => Role::Server,
-    }
-}
-
-/// Timestamp rule, for the first and the last bytes of a message alike: bytes
-/// sent are handed to the kernel at syscall entry, bytes received reach the
-/// process at syscall exit. Exit of a send would be wrong: on loopback the
-/// peer may read the bytes before the sender's syscall returns, and a SERVER
-/// span would then end after the CLIENT span that contains it.
-fn moment_ns(chunk: &Chunk) -> u64 {
-    match chunk.direction {
-        Direction::Egress => chunk.ts_enter_ns,
-        Direction::Ingress => chunk.ts_exit_ns,
     }
 }
 
@@ -259,7 +247,7 @@ struct ParsedHead {
     target: String,
     status: u16,
     minor: u8,
-    headers: Vec<Header>,
+    headers: Headers,
     content_length: Option<u64>,
     transfer_encoding: bool,
     chunked: bool,
@@ -301,8 +289,10 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end.max(start)]
 }
 
-fn is_sensitive(lower_name: &str) -> bool {
-    SENSITIVE_HEADERS.contains(&lower_name)
+pub(crate) fn is_sensitive(name: &[u8]) -> bool {
+    SENSITIVE_HEADERS
+        .iter()
+        .any(|s| s.as_bytes().eq_ignore_ascii_case(name))
 }
 
 fn parse_head(buf: &[u8], side: Side) -> HeadParse {
@@ -316,7 +306,7 @@ fn parse_head(buf: &[u8], side: Side) -> HeadParse {
         target: String::new(),
         status: 0,
         minor: 1,
-        headers: Vec::new(),
+        headers: Headers::default(),
         content_length: None,
         transfer_encoding: false,
         chunked: false,
@@ -351,40 +341,31 @@ fn parse_head(buf: &[u8], side: Side) -> HeadParse {
             }
         }
     };
-    head.headers.reserve(raw.len());
     for h in raw {
-        let name = h.name.to_ascii_lowercase();
-        match name.as_str() {
-            "content-length" => {
-                // "5, 5" and repeated equal headers are tolerated (RFC 9112 §6.3);
-                // disagreeing lengths mean request smuggling or garbage.
-                for part in h.value.split(|&c| c == b',') {
-                    let Some(v) = parse_decimal(trim_ascii(part)) else {
-                        return HeadParse::Malformed;
-                    };
-                    if head.content_length.is_some_and(|x| x != v) {
-                        return HeadParse::Malformed;
-                    }
-                    head.content_length = Some(v);
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // "5, 5" and repeated equal headers are tolerated (RFC 9112 §6.3);
+            // disagreeing lengths mean request smuggling or garbage.
+            for part in h.value.split(|&c| c == b',') {
+                let Some(v) = parse_decimal(trim_ascii(part)) else {
+                    return HeadParse::Malformed;
+                };
+                if head.content_length.is_some_and(|x| x != v) {
+                    return HeadParse::Malformed;
                 }
+                head.content_length = Some(v);
             }
-            "transfer-encoding" => {
-                // Only the final coding decides whether the body is chunked.
-                head.transfer_encoding = true;
-                let last = h.value.rsplit(|&c| c == b',').next().unwrap_or_default();
-                head.chunked = trim_ascii(last).eq_ignore_ascii_case(b"chunked");
-            }
-            "upgrade" => {
-                let v = String::from_utf8_lossy(trim_ascii(h.value)).to_ascii_lowercase();
-                head.upgrade = Some(v);
-            }
-            _ => {}
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Only the final coding decides whether the body is chunked.
+            head.transfer_encoding = true;
+            let last = h.value.rsplit(|&c| c == b',').next().unwrap_or_default();
+            head.chunked = trim_ascii(last).eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            let v = String::from_utf8_lossy(trim_ascii(h.value)).to_ascii_lowercase();
+            head.upgrade = Some(v);
         }
-        if !is_sensitive(&name) {
-            head.headers.push(Header {
-                name,
-                value: String::from_utf8_lossy(h.value).into_owned(),
-            });
+        if !is_sensitive(name) {
+            head.headers.push(name, h.value);
         }
     }
     // A request body whose length cannot be determined is a 400 for a server;
@@ -716,16 +697,17 @@ fn blank_exchange(chunk: &Chunk, role: Role) -> HttpExchange {
         conn: chunk.conn,
         pid: chunk.pid,
         tid: chunk.tid,
-        comm: chunk.comm.to_string(),
+        comm: chunk.comm,
         role,
         local: chunk.local,
         remote: chunk.remote,
         method: String::new(),
         target: String::new(),
-        version_minor: 1,
-        request_headers: Vec::new(),
+        protocol: Protocol::Http1 { minor: 1 },
+        request_headers: Headers::default(),
         status: None,
-        response_headers: Vec::new(),
+        response_headers: Headers::default(),
+        trailers: Headers::default(),
         request_body_bytes: 0,
         response_body_bytes: 0,
         request_first_ns: 0,
@@ -733,6 +715,7 @@ fn blank_exchange(chunk: &Chunk, role: Role) -> HttpExchange {
         response_first_ns: None,
         response_last_ns: None,
         outcome: Outcome::Aborted,
+        incomplete: false,
     }
 }
 
@@ -1023,7 +1006,7 @@ impl Conn {
         ex.tid = st.head_tid;
         ex.request_first_ns = st.head_first_ns;
         ex.request_last_ns = moment_ns(chunk);
-        ex.version_minor = head.minor;
+        ex.protocol = Protocol::Http1 { minor: head.minor };
         ex.request_headers = head.headers;
         let is_head = head.method == "HEAD";
         let is_connect = head.method == "CONNECT";
@@ -1288,6 +1271,20 @@ impl Conn {
         }
     }
 
+    fn on_gap(&mut self, ctx: &mut Ctx, chunk: &Chunk, bytes: u64, out: &mut Vec<HttpExchange>) {
+        if self.mode != Mode::Http || bytes == 0 {
+            return;
+        }
+        let Some(side) = side_of(self.role, chunk.direction) else {
+            return;
+        };
+        let mut st = std::mem::take(self.stream_mut(side));
+        self.on_hole(&mut st, side, ctx, chunk, bytes, out);
+        if self.mode == Mode::Http {
+            *self.stream_mut(side) = st;
+        }
+    }
+
     /// The traced process closed the socket: this ends close-delimited bodies.
     fn close(mut self, ctx: &mut Ctx, out: &mut Vec<HttpExchange>) {
         if let (State::Body(Body::UntilClose), Some(id)) = (&self.resp.state, self.resp.cur) {
@@ -1389,6 +1386,18 @@ impl Http1Decoder {
     /// Connections currently tracked (tests check memory bounds with it).
     pub fn tracked(&self) -> usize {
         self.conns.len()
+    }
+
+    pub fn contains(&self, conn: &ConnId) -> bool {
+        self.conns.contains_key(conn)
+    }
+
+    /// `bytes` of `chunk`'s direction were never captured, just before it:
+    /// handled like bytes cut from the end of the previous chunk.
+    pub fn gap(&mut self, chunk: &Chunk, bytes: u64, out: &mut Vec<HttpExchange>) {
+        if let Some(conn) = self.conns.get_mut(&chunk.conn) {
+            conn.on_gap(&mut self.ctx, chunk, bytes, out);
+        }
     }
 }
 
@@ -1954,8 +1963,8 @@ mod tests {
         }
     }
 
-    fn find<'a>(hs: &'a [Header], name: &str) -> Option<&'a str> {
-        hs.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+    fn find<'a>(hs: &'a Headers, name: &str) -> Option<&'a str> {
+        hs.get(name)
     }
 
     #[test]
@@ -1973,8 +1982,8 @@ mod tests {
             (Some(1105), Some(1205))
         );
         assert_eq!(
-            (ex.pid, ex.tid, ex.comm.as_str(), ex.version_minor),
-            (42, 43, "curl", 1)
+            (ex.pid, ex.tid, ex.comm.as_str(), ex.protocol),
+            (42, 43, "curl", Protocol::Http1 { minor: 1 })
         );
         assert_eq!(
             (ex.local, ex.remote),
@@ -1997,12 +2006,8 @@ mod tests {
             (Some(1200), Some(1300))
         );
         assert_eq!(
-            (
-                ex.request_body_bytes,
-                ex.response_body_bytes,
-                ex.version_minor
-            ),
-            (2, 1, 0)
+            (ex.request_body_bytes, ex.response_body_bytes, ex.protocol),
+            (2, 1, Protocol::Http1 { minor: 0 })
         );
         assert_eq!(
             (ex.local, ex.remote),
@@ -2247,7 +2252,7 @@ mod tests {
         ));
         assert_eq!(tap.out.len(), 1);
         let ex = &tap.out[0];
-        let names = |hs: &[Header]| hs.iter().map(|h| h.name.clone()).collect::<Vec<_>>();
+        let names = |hs: &Headers| hs.iter().map(|h| h.name.to_string()).collect::<Vec<_>>();
         assert_eq!(names(&ex.request_headers), ["host", "user-agent", "accept"]);
         assert_eq!(
             names(&ex.response_headers),

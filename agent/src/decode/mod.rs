@@ -1,15 +1,302 @@
 //! Decode stage: per-connection byte streams -> protocol exchanges.
+//!
+//! [`Decoder`] dispatches each connection to the decoder of its protocol
+//! (HTTP/1.x, HTTP/2 by its preface, after an `Upgrade: h2c`, or by a run of
+//! plausible frames on connections older than the agent). Both protocols hand
+//! the correlate stage one protocol-neutral [`HttpExchange`].
+pub mod hpack;
 pub mod http1;
+pub mod http2;
 pub use http1::{DecodeCounters, Http1Decoder, Limits};
+pub use http2::{H2Counters, H2Limits, Http2Decoder};
 
-use crate::capture::{ConnId, Role};
+use crate::capture::{Chunk, ChunkKind, Comm, ConnId, ConnMap, Direction, Role};
 use std::net::SocketAddr;
 
-/// A header kept for span building. Names lowercased; values lossy UTF-8.
+/// Timestamp rule, for the first and the last bytes of a message alike: bytes
+/// sent are handed to the kernel at syscall entry, bytes received reach the
+/// process at syscall exit. Exit of a send would be wrong: on loopback the
+/// peer may read the bytes before the sender's syscall returns, and a SERVER
+/// span would then end after the CLIENT span that contains it.
+pub(crate) fn moment_ns(chunk: &Chunk) -> u64 {
+    match chunk.direction {
+        Direction::Egress => chunk.ts_enter_ns,
+        Direction::Ingress => chunk.ts_exit_ns,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http1,
+    Http2,
+}
+
+/// Counters of the dispatch and of both decoders.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AllCounters {
+    pub http1: DecodeCounters,
+    pub http2: H2Counters,
+}
+
+/// The decode stage: picks each connection's protocol from its first bytes
+/// and feeds its chunks to that decoder.
+pub struct Decoder {
+    http1: Http1Decoder,
+    http2: Http2Decoder,
+    kinds: ConnMap<Kind>,
+    max_connections: usize,
+}
+
+impl Decoder {
+    pub fn new(h1: Limits, h2: H2Limits) -> Self {
+        let max_connections = h1.max_connections + h2.max_connections;
+        Self {
+            http1: Http1Decoder::new(h1),
+            http2: Http2Decoder::new(h2),
+            kinds: ConnMap::default(),
+            max_connections,
+        }
+    }
+
+    /// Feeds one chunk (in per-connection order); pushes finished exchanges to `out`.
+    pub fn push(&mut self, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
+        let kind = match self.kinds.get(&chunk.conn) {
+            Some(k) => *k,
+            None if chunk.kind == ChunkKind::Close => return,
+            None => {
+                if chunk.payload.is_empty() && chunk.len > 0 {
+                    // Nothing to classify by (sendfile, or all cut).
+                    return;
+                }
+                let k = match classify(chunk) {
+                    Some(start) => {
+                        self.http2.start(
+                            chunk,
+                            chunk.late_conn && start.is_none(),
+                            start.unwrap_or(0),
+                            out,
+                        );
+                        Kind::Http2
+                    }
+                    None => {
+                        self.http1.push(chunk, out);
+                        Kind::Http1
+                    }
+                };
+                if self.kinds.len() >= self.max_connections {
+                    self.sweep();
+                }
+                self.kinds.insert(chunk.conn, k);
+                return;
+            }
+        };
+        match kind {
+            Kind::Http2 => self.http2.push(chunk, out),
+            Kind::Http1 => {
+                let before = out.len();
+                self.http1.push(chunk, out);
+                self.upgrade(chunk, before, out);
+            }
+        }
+        if chunk.kind == ChunkKind::Close {
+            self.kinds.remove(&chunk.conn);
+        }
+    }
+
+    /// An HTTP/1.1 `Upgrade: h2c` answered by 101 in this chunk: the request
+    /// becomes stream 1 of the HTTP/2 connection that follows the 101 head.
+    fn upgrade(&mut self, chunk: &Chunk, before: usize, out: &mut Vec<HttpExchange>) {
+        let Some(i) = out[before..].iter().position(|e| {
+            e.conn == chunk.conn
+                && matches!(&e.outcome, Outcome::Upgraded { protocol } if protocol == "h2c")
+        }) else {
+            return;
+        };
+        let ex = out.remove(before + i);
+        let data = &chunk.payload[..];
+        // The 101 head ends this chunk's HTTP/1: find where.
+        let head = find(data, b"HTTP/1.1 101")
+            .and_then(|p| find(&data[p..], b"\r\n\r\n").map(|e| p + e + 4));
+        let start = head.unwrap_or(data.len());
+        self.http2.upgrade(chunk, ex, start, out);
+        self.kinds.insert(chunk.conn, Kind::Http2);
+    }
+
+    /// Forgets protocol choices of connections neither decoder still tracks.
+    fn sweep(&mut self) {
+        let (h1, h2) = (&self.http1, &self.http2);
+        self.kinds.retain(|id, k| match k {
+            Kind::Http1 => h1.contains(id),
+            Kind::Http2 => h2.contains(id),
+        });
+    }
+
+    /// Bytes the chunk positions show were never captured in `chunk`'s
+    /// direction, just before it; call before pushing `chunk`.
+    pub fn gap(&mut self, chunk: &Chunk, bytes: u64, out: &mut Vec<HttpExchange>) {
+        match self.kinds.get(&chunk.conn) {
+            Some(Kind::Http2) => self.http2.gap(&chunk.conn, chunk.direction, bytes, out),
+            Some(Kind::Http1) => self.http1.gap(chunk, bytes, out),
+            None => {}
+        }
+    }
+
+    pub fn expire(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<HttpExchange>) {
+        self.http1.expire(now_ns, idle_ns, out);
+        self.http2.expire(now_ns, idle_ns, out);
+        self.sweep();
+    }
+
+    pub fn counters(&self) -> AllCounters {
+        AllCounters {
+            http1: self.http1.counters(),
+            http2: self.http2.counters(),
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.http1.tracked() + self.http2.tracked()
+    }
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new(Limits::default(), H2Limits::default())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Is this first chunk of a connection HTTP/2? `Some(Some(p))`: yes, from its
+/// start, the frames begin at `p`; `Some(None)`: yes, joined mid-way; `None`:
+/// leave it to HTTP/1 (which ignores what is not HTTP/1 either).
+fn classify(chunk: &Chunk) -> Option<Option<usize>> {
+    let d = &chunk.payload[..];
+    let n = d.len().min(http2::PREFACE.len());
+    if n >= 4 && d[..n] == http2::PREFACE[..n] {
+        return Some(Some(0));
+    }
+    if !chunk.late_conn {
+        // A server speaks first only in HTTP/2, and its first frame is SETTINGS.
+        let server_first = matches!(
+            (chunk.role, chunk.direction),
+            (Role::Server, Direction::Egress)
+                | (Role::Client, Direction::Ingress)
+                | (Role::Unknown, _)
+        );
+        let settings_first = d.len() >= 9 && d[3] == 4 && d[5..9] == [0; 4];
+        return (server_first && settings_first && http2::chain_ok(d, chunk.truncated))
+            .then_some(Some(0));
+    }
+    // Joined mid-way: a run of frames from a frame boundary.
+    http2::find_sync(d, chunk.truncated).map(|_| None)
+}
+
+/// A header as tests and callers build them; names lowercased.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     pub name: String,
     pub value: String,
+}
+
+/// One header of a [`Headers`] set, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderRef<'a> {
+    pub name: &'a str,
+    pub value: &'a str,
+}
+
+/// The header fields of one message, in order, in one buffer: names
+/// lowercased, values lossy UTF-8. One allocation per message rather than two
+/// per header, whichever protocol the fields came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    buf: String,
+    /// (name start, value start, value end) in `buf`; the name ends where the value starts.
+    fields: Vec<(u32, u32, u32)>,
+}
+
+impl Headers {
+    /// Appends a field; the name is lowercased.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        let start = self.buf.len() as u32;
+        match std::str::from_utf8(name) {
+            Ok(n) if !n.bytes().any(|b| b.is_ascii_uppercase()) => self.buf.push_str(n),
+            _ => {
+                let n = String::from_utf8_lossy(name);
+                self.buf.extend(n.chars().map(|c| c.to_ascii_lowercase()));
+            }
+        }
+        let mid = self.buf.len() as u32;
+        self.buf.push_str(&String::from_utf8_lossy(value));
+        self.fields.push((start, mid, self.buf.len() as u32));
+    }
+
+    fn at(&self, i: usize) -> Option<HeaderRef<'_>> {
+        let &(s, m, e) = self.fields.get(i)?;
+        Some(HeaderRef {
+            name: self.buf.get(s as usize..m as usize)?,
+            value: self.buf.get(m as usize..e as usize)?,
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = HeaderRef<'_>> + '_ {
+        (0..self.fields.len()).filter_map(|i| self.at(i))
+    }
+
+    /// Value of the first field named `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|h| h.name == name).map(|h| h.value)
+    }
+
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Bytes held (names and values), for bounds.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.fields.clear();
+    }
+}
+
+impl<'a> FromIterator<&'a Header> for Headers {
+    fn from_iter<I: IntoIterator<Item = &'a Header>>(iter: I) -> Self {
+        let mut h = Headers::default();
+        for x in iter {
+            h.push(x.name.as_bytes(), x.value.as_bytes());
+        }
+        h
+    }
+}
+
+impl<'a> FromIterator<(&'a str, &'a str)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (&'a str, &'a str)>>(iter: I) -> Self {
+        let mut h = Headers::default();
+        for (n, v) in iter {
+            h.push(n.as_bytes(), v.as_bytes());
+        }
+        h
+    }
+}
+
+/// The wire protocol of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x; `minor` is 0 or 1.
+    Http1 { minor: u8 },
+    /// HTTP/2, one exchange per stream.
+    Http2 { stream_id: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,34 +305,41 @@ pub enum Outcome {
     Complete,
     /// Connection closed (or expired) before the response completed.
     Aborted,
+    /// HTTP/2: the stream was reset (RST_STREAM) or cut by GOAWAY; the code.
+    Reset { code: u32 },
     /// 101 Switching Protocols (or 2xx to CONNECT): the protocol after this is not HTTP/1.
     /// `protocol` is the lowercased Upgrade header value ("websocket", "h2c", ...) or "connect".
     Upgraded { protocol: String },
 }
 
-/// One HTTP/1 request/response exchange as ONE end of a connection saw it.
+/// One request/response exchange (an HTTP/1 message pair or an HTTP/2
+/// stream) as ONE end of a connection saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpExchange {
     pub conn: ConnId,
     pub pid: u32,
     /// Thread that carried the first byte of the request.
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// Client: this process sent the request. Server: it received it.
     pub role: Role,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    pub protocol: Protocol,
+    /// HTTP/2: `:method`; empty when it could not be decoded.
     pub method: String,
-    /// Request-target exactly as sent, e.g. "/a?b=1" (or absolute-form for proxies).
+    /// Request-target exactly as sent, e.g. "/a?b=1" (or absolute-form for
+    /// proxies); HTTP/2: `:path`.
     pub target: String,
-    /// 0 or 1 for HTTP/1.0 / HTTP/1.1.
-    pub version_minor: u8,
-    /// Request headers in order, WITHOUT sensitive ones.
-    pub request_headers: Vec<Header>,
+    /// Request headers in order, WITHOUT sensitive ones. HTTP/2 keeps its
+    /// pseudo-headers here (`:authority`, `:scheme`).
+    pub request_headers: Headers,
     /// Final (non-1xx) status; None when no final response head was seen.
     /// A 101 that switched protocols is reported here too (Outcome::Upgraded).
     pub status: Option<u16>,
-    pub response_headers: Vec<Header>,
+    pub response_headers: Headers,
+    /// Trailer fields after the response body (HTTP/2, and chunked HTTP/1).
+    pub trailers: Headers,
     /// Body bytes (after de-chunking: the payload bytes; holes counted too).
     pub request_body_bytes: u64,
     pub response_body_bytes: u64,
@@ -59,4 +353,7 @@ pub struct HttpExchange {
     pub response_first_ns: Option<u64>,
     pub response_last_ns: Option<u64>,
     pub outcome: Outcome,
+    /// Some header fields could not be decoded (HTTP/2: an HPACK entry the
+    /// agent never saw): what is present is right, what is missing is unknown.
+    pub incomplete: bool,
 }

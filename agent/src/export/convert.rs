@@ -5,7 +5,9 @@ use super::proto::opentelemetry::proto::{
     resource::v1::Resource,
     trace::v1::{span, status, Span, Status},
 };
-use crate::correlate::{resource::ProcessResource, AttrValue, SpanKind, SpanRecord, Status as SpanStatus};
+use crate::correlate::{
+    resource::ProcessResource, AttrValue, SpanKind, SpanRecord, Status as SpanStatus,
+};
 
 /// OTLP `Span.flags` bits 8 and 9: whether the parent is known to be remote.
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
@@ -15,12 +17,19 @@ fn kv(key: &str, v: &AttrValue) -> KeyValue {
     let value = match v {
         AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
+        AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
     };
-    KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }) }
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+    }
 }
 
 pub fn resource(r: &ProcessResource) -> Resource {
-    Resource { attributes: r.attributes.iter().map(|(k, v)| kv(k, v)).collect(), ..Default::default() }
+    Resource {
+        attributes: r.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
+        ..Default::default()
+    }
 }
 
 pub fn span(s: &SpanRecord) -> Span {
@@ -46,9 +55,16 @@ pub fn span(s: &SpanRecord) -> Span {
         events: s
             .events
             .iter()
-            .map(|(name, t)| span::Event { time_unix_nano: *t, name: name.to_string(), ..Default::default() })
+            .map(|(name, t)| span::Event {
+                time_unix_nano: *t,
+                name: name.to_string(),
+                ..Default::default()
+            })
             .collect(),
-        status: Some(Status { code: code as i32, message }),
+        status: Some(Status {
+            code: code as i32,
+            message,
+        }),
         ..Default::default()
     }
 }
