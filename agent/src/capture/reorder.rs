@@ -55,12 +55,7 @@ pub struct Reorder {
 
 impl Default for Reorder {
     fn default() -> Self {
-        Self {
-            conns: ConnMap::default(),
-            stats: ReorderStats::default(),
-            now: Instant::now(),
-            passes: 0,
-        }
+        Self { conns: ConnMap::default(), stats: ReorderStats::default(), now: Instant::now(), passes: 0 }
     }
 }
 
@@ -119,12 +114,7 @@ impl Reorder {
     }
 
     fn skip_gap(st: &mut ConnOrder, stats: &mut ReorderStats) {
-        let first = st
-            .held
-            .keys()
-            .next()
-            .copied()
-            .or_else(|| st.close.as_ref().map(|c| c.seq));
+        let first = st.held.keys().next().copied().or_else(|| st.close.as_ref().map(|c| c.seq));
         if let Some(first) = first {
             if first > st.next {
                 stats.gaps += first - st.next;
@@ -142,8 +132,7 @@ impl Reorder {
         self.now = now;
         self.passes += 1;
         if self.passes.is_multiple_of(SWEEP_EVERY) {
-            self.conns
-                .retain(|_, st| now.duration_since(st.seen) < IDLE);
+            self.conns.retain(|_, st| now.duration_since(st.seen) < IDLE);
         }
         let stats = &mut self.stats;
         self.conns.retain(|_, st| {
@@ -171,8 +160,8 @@ impl Reorder {
 mod tests {
     use super::*;
     use crate::capture::event::tests::{decode_one as decode, header};
-    use agent_common::{KIND_CLOSE, KIND_DATA};
     use std::time::Duration;
+    use agent_common::{KIND_CLOSE, KIND_DATA};
 
     fn data(seq: u64) -> Chunk {
         decode(&header(KIND_DATA, seq, b"x")).unwrap()
@@ -181,9 +170,7 @@ mod tests {
         decode(&header(KIND_CLOSE, seq, b"")).unwrap()
     }
     fn seqs(v: &[Chunk]) -> Vec<(u64, bool)> {
-        v.iter()
-            .map(|c| (c.seq, c.kind == ChunkKind::Close))
-            .collect()
+        v.iter().map(|c| (c.seq, c.kind == ChunkKind::Close)).collect()
     }
 
     #[test]
@@ -191,55 +178,12 @@ mod tests {
         // (input, expected output after pushes and two end_pass calls, gaps, late)
         type Case = (Vec<Chunk>, Vec<(u64, bool)>, u64, u64);
         let cases: Vec<(&str, Case)> = vec![
-            (
-                "in order",
-                (
-                    vec![data(0), data(1), data(2)],
-                    vec![(0, false), (1, false), (2, false)],
-                    0,
-                    0,
-                ),
-            ),
-            (
-                "swapped",
-                (
-                    vec![data(1), data(0), data(2)],
-                    vec![(0, false), (1, false), (2, false)],
-                    0,
-                    0,
-                ),
-            ),
-            (
-                "close after data",
-                (
-                    vec![data(0), close(2), data(1)],
-                    vec![(0, false), (1, false), (2, true)],
-                    0,
-                    0,
-                ),
-            ),
-            (
-                "lost chunk",
-                (
-                    vec![data(0), data(2), data(3)],
-                    vec![(0, false), (2, false), (3, false)],
-                    1,
-                    0,
-                ),
-            ),
-            (
-                "lost before close",
-                (vec![data(0), close(2)], vec![(0, false), (2, true)], 1, 0),
-            ),
-            (
-                "late duplicate",
-                (
-                    vec![data(0), data(1), data(0)],
-                    vec![(0, false), (1, false), (0, false)],
-                    0,
-                    1,
-                ),
-            ),
+            ("in order", (vec![data(0), data(1), data(2)], vec![(0, false), (1, false), (2, false)], 0, 0)),
+            ("swapped", (vec![data(1), data(0), data(2)], vec![(0, false), (1, false), (2, false)], 0, 0)),
+            ("close after data", (vec![data(0), close(2), data(1)], vec![(0, false), (1, false), (2, true)], 0, 0)),
+            ("lost chunk", (vec![data(0), data(2), data(3)], vec![(0, false), (2, false), (3, false)], 1, 0)),
+            ("lost before close", (vec![data(0), close(2)], vec![(0, false), (2, true)], 1, 0)),
+            ("late duplicate", (vec![data(0), data(1), data(0)], vec![(0, false), (1, false), (0, false)], 0, 1)),
         ];
         for (name, (input, want, gaps, late)) in cases {
             let mut r = Reorder::default();
