@@ -74,15 +74,17 @@ pub struct SpanCounters {
     pub context_malformed: u64,
 }
 
-/// (client address, server address) of a connection, and a span kind.
-type PairKey = ((SocketAddr, SocketAddr), SpanKind);
+/// (client address, server address) of a connection, its HTTP/2 stream (0
+/// for HTTP/1: on one connection both ends number streams alike), and a span kind.
+type PairKey = ((SocketAddr, SocketAddr, u32), SpanKind);
 
 struct Waiting {
     ex: HttpExchange,
     ctx: Option<RemoteContext>,
     kind: SpanKind,
-    /// Client (address, port) and server (address, port) of the connection.
-    key: (SocketAddr, SocketAddr),
+    /// Client (address, port) and server (address, port) of the connection,
+    /// and the HTTP/2 stream id (0 for HTTP/1).
+    key: (SocketAddr, SocketAddr, u32),
     deadline_ns: u64,
     /// A lone `b3: 0`: the caller denies sampling without passing ids.
     deny: bool,
@@ -147,9 +149,13 @@ impl SpanBuilder {
                 context::Format::Jaeger => self.counters.context_jaeger += 1,
             }
         }
+        let stream = match ex.protocol {
+            Protocol::Http2 { stream_id } => stream_id,
+            Protocol::Http1 { .. } => 0,
+        };
         let key = match kind {
-            SpanKind::Client => (ex.local, ex.remote),
-            SpanKind::Server => (ex.remote, ex.local),
+            SpanKind::Client => (ex.local, ex.remote, stream),
+            SpanKind::Server => (ex.remote, ex.local, stream),
         };
         let deny = extracted.context.is_none()
             && header(&ex.request_headers, "b3").is_some_and(|v| v.trim() == "0");
@@ -965,5 +971,83 @@ mod tests {
         assert_eq!(parse_host("h"), Some(("h".into(), None)));
         assert_eq!(parse_host("h:81"), Some(("h".into(), Some(81))));
         assert_eq!(normalize_method("FOO"), "_OTHER");
+    }
+
+    fn h2(mut e: HttpExchange, stream_id: u32, path: &str, grpc: Option<(&str, bool)>) -> HttpExchange {
+        e.protocol = Protocol::Http2 { stream_id };
+        e.method = "POST".into();
+        e.target = path.into();
+        e.request_headers = [(":authority", "svc:50051"), (":scheme", "http"), ("content-type", "application/grpc+proto")]
+            .into_iter()
+            .filter(|h| grpc.is_some() || h.0 != "content-type")
+            .collect();
+        if let Some((code, trailers_only)) = grpc {
+            let t: Headers = [("grpc-status", code)].into_iter().collect();
+            if trailers_only {
+                e.response_headers = t;
+            } else {
+                e.trailers = t;
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn http2_streams_pair_by_stream_id_on_one_connection() {
+        let mut b = builder();
+        let mut out = vec![];
+        let (c, s) = (("127.0.0.1:50000", "127.0.0.1:8080"), ("127.0.0.1:8080", "127.0.0.1:50000"));
+        // Two concurrent streams whose times overlap: only the stream id tells them apart.
+        b.push(h2(ex(Role::Server, s.0, s.1, &[], (112, 113, 120, 121)), 3, "/b", None), 0, &mut out);
+        b.push(h2(ex(Role::Server, s.0, s.1, &[], (110, 111, 130, 131)), 1, "/a", None), 0, &mut out);
+        b.push(h2(ex(Role::Client, c.0, c.1, &[], (100, 101, 140, 141)), 1, "/a", None), 0, &mut out);
+        b.push(h2(ex(Role::Client, c.0, c.1, &[], (102, 103, 142, 143)), 3, "/b", None), 0, &mut out);
+        assert_eq!(out.len(), 4);
+        for pair in out.chunks(2) {
+            let (cl, sv) = (&pair[0], &pair[1]);
+            assert_eq!((cl.kind, sv.kind), (SpanKind::Client, SpanKind::Server));
+            assert_eq!(sv.parent_span_id, Some(cl.span_id));
+            assert_eq!(cl.attr("url.path"), sv.attr("url.path"));
+            assert_eq!(cl.attr("http2.stream.id"), sv.attr("http2.stream.id"));
+        }
+        assert_eq!(out[0].attr("network.protocol.version"), Some(&AttrValue::Str("2".into())));
+        assert_eq!(out[0].attr("server.address"), Some(&AttrValue::Str("svc".into())));
+        assert_eq!(out[0].attr("server.port"), Some(&AttrValue::Int(50051)));
+    }
+
+    #[test]
+    fn grpc_names_attributes_and_status_table() {
+        // (kind, grpc-status, trailers-only, legacy on, want error, want code name)
+        type Case = (Role, &'static str, bool, bool, bool, &'static str);
+        let cases: [Case; 8] = [
+            (Role::Server, "0", false, true, false, "OK"),
+            (Role::Client, "0", true, true, false, "OK"),
+            (Role::Server, "5", true, true, false, "NOT_FOUND"),
+            (Role::Client, "5", true, false, true, "NOT_FOUND"),
+            (Role::Server, "13", false, true, true, "INTERNAL"),
+            (Role::Server, "4", false, true, true, "DEADLINE_EXCEEDED"),
+            (Role::Server, "16", false, true, false, "UNAUTHENTICATED"),
+            (Role::Client, "99", false, true, true, "UNKNOWN"),
+        ];
+        for (i, (role, code, only, legacy, error, name)) in cases.into_iter().enumerate() {
+            let mut b = builder().with_legacy_rpc_attributes(legacy);
+            let mut out = vec![];
+            let e = h2(ex(role, "127.0.0.1:1", "127.0.0.1:2", &[], (1, 2, 3, 4)), 1, "/demo.v1.Echo/Unary", Some((code, only)));
+            b.push(e, 0, &mut out);
+            b.flush(u64::MAX, &mut out);
+            let s = &out[0];
+            assert_eq!(s.name, "demo.v1.Echo/Unary", "case {i}");
+            assert_eq!(s.attr("rpc.system.name"), Some(&AttrValue::Str("grpc".into())), "case {i}");
+            assert_eq!(s.attr("rpc.method"), Some(&AttrValue::Str("demo.v1.Echo/Unary".into())), "case {i}");
+            assert_eq!(s.attr("rpc.status_code"), Some(&AttrValue::Str(name.into())), "case {i}");
+            assert_eq!(s.attr("rpc.service").is_some(), legacy, "case {i}");
+            if legacy {
+                assert_eq!(s.attr("rpc.service"), Some(&AttrValue::Str("demo.v1.Echo".into())), "case {i}");
+                assert_eq!(s.attr("rpc.grpc.status_code"), Some(&AttrValue::Int(code.parse().unwrap())), "case {i}");
+            }
+            assert_eq!(matches!(s.status, Status::Error(_)), error, "case {i}");
+            assert_eq!(s.attr("error.type").is_some(), error, "case {i}");
+            assert!(s.attr("http.request.method").is_none() && s.attr("url.path").is_none(), "case {i}");
+        }
     }
 }
