@@ -1,4 +1,5 @@
 //! Decode stage: per-connection byte streams -> protocol exchanges.
+pub mod hpack;
 pub mod http1;
 pub use http1::{DecodeCounters, Http1Decoder, Limits};
 
