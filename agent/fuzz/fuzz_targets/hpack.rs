@@ -25,7 +25,11 @@ fn run(d: &mut HpackDecoder, block: &[u8], scratch: &mut Vec<u8>, out: &mut Fiel
     out.clear();
     let ok = d
         .decode(block, scratch, |f| {
-            out.push((f.name.map(<[u8]>::to_vec), f.value.map(<[u8]>::to_vec), f.never_indexed))
+            out.push((
+                f.name.map(<[u8]>::to_vec),
+                f.value.map(<[u8]>::to_vec),
+                f.never_indexed,
+            ))
         })
         .is_ok();
     assert!(d.known_size() <= TABLE_CAP);
@@ -63,7 +67,9 @@ fn split<'a>(mut data: &'a [u8], mut each: impl FnMut(&'a [u8])) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cfg, rest)) = data.split_first() else { return };
+    let Some((&cfg, rest)) = data.split_first() else {
+        return;
+    };
     let size = SIZES[usize::from(cfg & 7)];
     let mut full = HpackDecoder::new(size);
     let mut late = HpackDecoder::new_unknown(size);
