@@ -6,6 +6,7 @@
 //! builds it, linked by bpf-linker against Debian's LLVM 22.
 
 mod bench;
+mod fuzz;
 
 use std::{
     path::{Path, PathBuf},
@@ -73,6 +74,14 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Fuzz a decoder (cargo-fuzz on stable); without a target, every one briefly.
+    Fuzz {
+        target: Option<String>,
+        #[arg(long)]
+        runs: Option<u64>,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -91,6 +100,8 @@ fn main() -> Result<()> {
             let agent = build(true)?;
             bench::run(which, &agent)
         }
+        Cmd::Fuzz { target: Some(t), runs, seconds } => fuzz::fuzz(&root(), &t, runs, seconds),
+        Cmd::Fuzz { target: None, .. } => fuzz::smoke(&root()),
     }
 }
 

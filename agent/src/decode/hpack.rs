@@ -328,7 +328,7 @@ impl HpackDecoder {
                     match (name, value) {
                         (Some(name), Some(value)) => self.insert(name, value),
                         // An entry of unknown size and content at the newest end.
-                        _ => {}
+                        _ => self.lose(),
                     }
                 }
             }
@@ -792,6 +792,8 @@ mod tests {
     use super::*;
 
     type Owned = (Option<Vec<u8>>, Option<Vec<u8>>, bool);
+    type Table = Vec<(String, String)>;
+    type Headers = Vec<(Vec<u8>, Vec<u8>)>;
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
@@ -891,7 +893,7 @@ mod tests {
 
     #[test]
     fn c2_single_representations() {
-        let cases: &[(&str, &str, Owned, Vec<(String, String)>)] = &[
+        let cases: &[(&str, &str, Owned, Table)] = &[
             (
                 "C.2.1",
                 "400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572",
@@ -928,7 +930,7 @@ mod tests {
         for (name, block, field, tab) in cases {
             let mut d = HpackDecoder::new(4096);
             let got = decode_owned(&mut d, &hex(block), &mut Vec::new()).unwrap();
-            assert_eq!(&got, &[field.clone()], "{name}");
+            assert_eq!(&got, std::slice::from_ref(field), "{name}");
             assert_eq!(&table(&d), tab, "{name}");
             assert!(!d.has_unknown_entries());
         }
@@ -1501,6 +1503,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn settings_and_size_updates() {
+        let mut s = Vec::new();
+        let mut blk = Vec::new();
+        enc_int(&mut blk, 0x20, 5, 8192);
+        let mut d = HpackDecoder::new(4096);
+        assert_eq!(
+            d.decode(&blk, &mut s, |_| {}),
+            Err(HpackError::TableSizeTooLarge {
+                requested: 8192,
+                max: 4096
+            })
+        );
+        d.set_max_table_size(8192);
+        // The encoder may now grow (only through an update, but the bound
+        // must not be below the truth either way).
+        assert_eq!(d.max_table_size(), 8192);
+        d.decode(&blk, &mut s, |_| {}).unwrap();
+        assert_eq!(d.max_table_size(), 8192);
+        // Lowering: the bound stays until the encoder's update says otherwise.
+        d.set_max_table_size(100);
+        assert_eq!(d.max_table_size(), 8192);
+        assert!(d.decode(&blk, &mut s, |_| {}).is_err());
+        d.decode(&hex("3f 2d"), &mut s, |_| {}).unwrap(); // 31 + 45 = 76
+        assert_eq!(d.max_table_size(), 76);
+        // A lost block may have raised it again, up to the limit.
+        d.lose();
+        assert_eq!(d.max_table_size(), 100);
+        // Below 32 bytes nothing fits: losing leaves a known, empty table.
+        d.decode(&hex("3f 00"), &mut s, |_| {}).unwrap();
+        let mut d2 = HpackDecoder::new_unknown(31);
+        assert!(!d2.has_unknown_entries());
+        assert_eq!(
+            d2.decode(&[0xbe], &mut s, |_| {}),
+            Err(HpackError::IndexOutOfRange(62))
+        );
+    }
+
     // ---- a small reference encoder, and the tolerance property ----
 
     fn enc_int(out: &mut Vec<u8>, first: u8, prefix: u8, v: u32) {
@@ -1667,7 +1707,7 @@ mod tests {
             .collect()
     }
 
-    fn stream(seed: u64, blocks: usize, limit: usize) -> Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> {
+    fn stream(seed: u64, blocks: usize, limit: usize) -> Vec<(Vec<u8>, Headers)> {
         let mut rng = Rng(seed);
         let mut enc = Encoder {
             table: VecDeque::new(),
