@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 
 pub mod otlp_receiver;
+pub mod peers;
 
 /// True when the test may run; prints the reason and returns false to skip.
 pub fn require_root(test: &str) -> bool {

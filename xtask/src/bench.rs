@@ -9,6 +9,10 @@
 //! alone. The peers are the integration tests' own (same nginx, same receiver). Prints
 //! requests/s, ratios, the agent's CPU seconds per 100,000 requests, spans
 //! made and exported, and every drop counter.
+//!
+//! `cargo xtask bench h2`: the same for HTTP/2: nginx with h2c (one worker)
+//! and h2load (`-c` connections x `-m` concurrent streams), without the agent
+//! and with it (capture alone; trace with OTLP to the discarding sink).
 
 use std::{fs, path::Path, process::Command, thread};
 
@@ -29,6 +33,21 @@ pub enum Which {
         /// wrk connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+    },
+    /// nginx h2c + h2load, with and without the agent.
+    H2 {
+        /// Alternating rounds (each one run without and one with each agent mode).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Seconds per h2load run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// h2load connections.
+        #[arg(long, default_value_t = 10)]
+        connections: u32,
+        /// h2load concurrent streams per connection.
+        #[arg(long, default_value_t = 10)]
+        streams: u32,
     },
 }
 
@@ -151,12 +170,92 @@ const DROPS: [(&str, &str); 10] = [
 ];
 
 pub fn run(which: Which, agent: &Path) -> Result<()> {
-    let Which::Overhead { rounds, seconds, connections } = which;
     // The agent runs through the integration tests' harness, which finds the
     // release build where `build` put it.
     if agent_bin().canonicalize().ok() != agent.canonicalize().ok() {
         bail!("the harness would run {}, not the agent just built at {}", agent_bin().display(), agent.display());
     }
+    match which {
+        Which::Overhead { rounds, seconds, connections } => overhead(rounds, seconds, connections),
+        Which::H2 { rounds, seconds, connections, streams } => h2(rounds, seconds, connections, streams),
+    }
+}
+
+/// Runs h2load for `seconds` against nginx h2c; returns (requests/s, requests done).
+fn h2load(port: u16, seconds: u32, connections: u32, streams: u32) -> Result<(f64, f64)> {
+    let out = Command::new("h2load")
+        .args(["-t1", &format!("-c{connections}"), &format!("-m{streams}"), &format!("-D{seconds}")])
+        .arg(format!("http://127.0.0.1:{port}/index.html"))
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r = integration_tests::peers::parse_h2load(&text);
+    if r.done == 0 || r.failed > 0 || r.errored > 0 {
+        bail!("h2load did not succeed:\n{text}");
+    }
+    Ok((r.rps, r.done as f64))
+}
+
+/// `cargo xtask bench h2`: nginx (one worker, h2c) serving a small file to
+/// h2load (`-c` connections x `-m` streams), without the agent and with it.
+fn h2(rounds: u32, seconds: u32, connections: u32, streams: u32) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let www = dir.path().join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("index.html"), "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n")?;
+    let port = free_port();
+    let _nginx = integration_tests::peers::nginx_h2c(dir.path(), &www, port);
+    h2load(port, 1, connections, streams)?; // warm-up
+    let (discard, export_requests) = start_discarding_collector()?;
+    let formats: [(&str, Vec<&str>); 2] = [
+        ("capture only, all processes", vec!["dump", "--format", "summary"]),
+        ("trace, OTLP to a discarding sink", vec!["trace", "--otlp-endpoint", &discard]),
+    ];
+    let mut without = Vec::new();
+    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
+    for round in 0..rounds {
+        let (rps, _) = h2load(port, seconds, connections, streams)?;
+        println!("round {round}: without agent {:<29} {rps:>10.0} req/s", "");
+        without.push(rps);
+        for ((format, args), mode) in formats.iter().zip(modes.iter_mut()) {
+            let a = Agent::start_with(args[0], &args[1..], &[]);
+            let pid = a.pid();
+            let before = cpu_seconds(pid)?;
+            let (rps, reqs) = h2load(port, seconds, connections, streams)?;
+            mode.cpu_s += cpu_seconds(pid)? - before;
+            mode.requests += reqs;
+            let (_, log) = a.stop_raw();
+            println!("round {round}: agent ({format:<32}) {rps:>10.0} req/s");
+            mode.rps.push(rps);
+            mode.events += counter(&log, "capture stopped", "events");
+            mode.spans += counter(&log, "agent stopped", "spans");
+            mode.exported += counter(&log, "agent stopped", "spans_exported");
+            for (d, (marker, name)) in mode.drops.iter_mut().zip(DROPS) {
+                *d += counter(&log, marker, name);
+            }
+        }
+    }
+    println!("export requests the discarding sink took: {}", export_requests.load(std::sync::atomic::Ordering::Relaxed));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let base = mean(&without);
+    println!();
+    println!("h2load -c {connections} -m {streams}, {seconds} s runs, nginx h2c (1 worker)");
+    println!("requests/s without agent        : {base:.0}");
+    for ((format, args), m) in formats.iter().zip(&modes) {
+        let rps = mean(&m.rps);
+        println!("--- {format}: agent {}", args.join(" "));
+        println!("requests/s with agent           : {rps:.0}");
+        println!("ratio with/without              : {:.3}", rps / base);
+        println!("agent CPU µs / stream           : {:.2}", m.cpu_s * 1e6 / m.requests.max(1.0));
+        println!("kernel events                   : {}", m.events);
+        println!("streams / spans made / exported : {} / {} / {}", m.requests, m.spans, m.exported);
+        let drops: Vec<String> = DROPS.iter().zip(&m.drops).map(|((_, n), d)| format!("{n}={d}")).collect();
+        println!("drops                           : {}", drops.join(" "));
+    }
+    Ok(())
+}
+
+fn overhead(rounds: u32, seconds: u32, connections: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let www = dir.path().join("www");
     fs::create_dir_all(&www)?;

@@ -36,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "nginx-light",
     "wrk",
+    // h2load and nghttp: HTTP/2 load and client for the HTTP/2 tests and bench.
+    "nghttp2-client",
     "iproute2",
     "procps",
     "build-essential",
@@ -167,6 +169,43 @@ fn setup() -> Result<()> {
     if !receiver_ok {
         eprintln!("xtask: installing {OTLP_RECEIVER} {OTLP_RECEIVER_VERSION} (OTLP receiver for the integration tests; ~10 min)");
         run(Command::new("cargo").args(["install", OTLP_RECEIVER, "--locked", "--version", &format!("={OTLP_RECEIVER_VERSION}")]))?;
+    }
+    setup_peers()
+}
+
+/// The HTTP/2 and gRPC test peers that are not Debian packages, pinned in
+/// `tests/peers/`: a Python venv (grpcio, hypercorn) at `target/peers/venv`
+/// and @grpc/grpc-js at `target/peers/node`, each in the checkout's own
+/// target dir. Each is (re)made only when its pin file differs from the copy
+/// stored with the last successful install.
+fn setup_peers() -> Result<()> {
+    let pins = root().join("tests/peers");
+    let dest = root().join("target/peers");
+    let requirements = std::fs::read_to_string(pins.join("requirements.txt"))?;
+    let venv = dest.join("venv");
+    let stamp = venv.join(".requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(requirements.as_str()) {
+        eprintln!("xtask: making the Python peers' venv at {}", venv.display());
+        if venv.exists() {
+            std::fs::remove_dir_all(&venv)?;
+        }
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(venv.join("bin/python3"))
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input", "--only-binary", ":all:", "-r"])
+            .arg(pins.join("requirements.txt")))?;
+        std::fs::write(&stamp, &requirements)?;
+    }
+    let lock = std::fs::read_to_string(pins.join("package-lock.json"))?;
+    let node = dest.join("node");
+    let stamp = node.join(".package-lock.json");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(lock.as_str()) || !node.join("node_modules/@grpc/grpc-js").is_dir() {
+        eprintln!("xtask: installing the Node peers' modules at {}", node.display());
+        std::fs::create_dir_all(&node)?;
+        for f in ["package.json", "package-lock.json"] {
+            std::fs::copy(pins.join(f), node.join(f))?;
+        }
+        run(Command::new("npm").current_dir(&node).args(["ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]))?;
+        std::fs::write(&stamp, &lock)?;
     }
     Ok(())
 }
