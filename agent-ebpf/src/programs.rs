@@ -4,7 +4,7 @@ use agent_common::{
     Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, Scratch, SyscallArgs,
     AF_INET, AF_INET6, CNT_CONN_FULL, CNT_NO_ENTRY, MAX_CPUS, CNT_EVENTS, CNT_READ_FAULT, CNT_RINGBUF_FULL,
     CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
-    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
+    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
     MAX_CAPTURE, MAX_IOVECS, NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE,
     SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO,
     SYS_WRITE, SYS_WRITEV,
@@ -51,6 +51,10 @@ static CONFIG: Config = Config {
         skc_num: 0,
         skc_v6_daddr: 0,
         skc_v6_rcv_saddr: 0,
+        tcp_write_seq: 0,
+        tcp_copied_seq: 0,
+        tcp_rcv_nxt: 0,
+        skc_flags: 0,
         _pad: 0,
     },
 };
@@ -98,7 +102,8 @@ static SPILL: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384,
 #[map]
 static SOCKS: LruHashMap<u64, FdSock> = LruHashMap::with_max_entries(65536, 0);
 
-/// key: kernel `struct sock` address; value: 4-tuple, role, sequence.
+/// key: kernel `struct sock` address; value: 4-tuple, role, sequence, the
+/// stream bases byte offsets count from.
 /// Made when TCP reaches ESTABLISHED (or at first data for older sockets),
 /// removed when the traced process closes the fd; LRU evicts the rest.
 #[map]
@@ -134,6 +139,10 @@ const MSG_PEEK: u64 = 2;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_LAST_ACK: i32 = 9;
+/// Bit of `enum sock_flags` in `sk_flags`: a FIN came in order (`tcp_fin`).
+const SOCK_DONE: u64 = 1 << 1;
 /// Offset of the first syscall argument in a `sys_enter_*` record, and of
 /// `ret` in a `sys_exit_*` record (see the tracepoints' `format` files).
 const ARG0: usize = 16;
@@ -330,19 +339,50 @@ fn port_selected(sk: u64) -> bool {
     unsafe { FILTER_PORTS.get(&local).is_some() || FILTER_PORTS.get(&remote).is_some() }
 }
 
-/// The connection record for `sk`, made now (role unknown) if the socket was
-/// established before the agent started.
+/// Sequences of `sk` now, just past the last data byte the app queued to
+/// send and the last it read: `tcp_sock.write_seq` and `copied_seq` without
+/// the FINs, which take a sequence number each. Ours is in `write_seq` once
+/// the app shut down sending (`fin_sent`); the peer's is in `copied_seq` once
+/// a read ate it, which may be the read that returned the last data: a FIN
+/// came (`SOCK_DONE`, so `rcv_nxt` is just past it) and all is read.
 #[inline(always)]
-fn conn_of(sk: u64) -> Option<*mut ConnInfo> {
+fn stream_seqs(sk: u64, fin_sent: bool) -> Option<(u32, u32)> {
+    let write = read_kernel::<u32>(sk + cfg!(offsets.tcp_write_seq) as u64)?;
+    let mut copied = read_kernel::<u32>(sk + cfg!(offsets.tcp_copied_seq) as u64)?;
+    let sk_flags = read_kernel::<u64>(sk + cfg!(offsets.skc_flags) as u64)?;
+    if sk_flags & SOCK_DONE != 0 && read_kernel::<u32>(sk + cfg!(offsets.tcp_rcv_nxt) as u64)? == copied {
+        copied = copied.wrapping_sub(1);
+    }
+    Some((write.wrapping_sub(fin_sent as u32), copied))
+}
+
+/// The connection record for `sk`, made now (role unknown) if the socket was
+/// established before the agent started. A record made here is made by the
+/// exit of a call that moved `ret` bytes in `direction`: that call's first
+/// byte is offset 0 of its direction, the other direction starts where it is.
+#[inline(always)]
+fn conn_of(sk: u64, direction: u8, ret: u64) -> Option<*mut ConnInfo> {
     if let Some(c) = CONNS.get_ptr_mut(&sk) {
         return Some(c);
+    }
+    let (mut flags, mut egress_base, mut ingress_base) = (FLAG_LATE_CONN, 0, 0);
+    if let Some((write, copied)) = stream_seqs(sk, false) {
+        // Sequence numbers wrap mod 2^32, so do the bases.
+        (egress_base, ingress_base) = if direction == DIR_EGRESS {
+            (write.wrapping_sub(ret as u32), copied)
+        } else {
+            (write, copied.wrapping_sub(ret as u32))
+        };
+        flags |= FLAG_HAS_POS;
     }
     let info = ConnInfo {
         tuple: tuple_of_sock(sk),
         start_ns: unsafe { bpf_ktime_get_ns() },
         seq: 0,
+        egress_base,
+        ingress_base,
         role: ROLE_UNKNOWN,
-        flags: FLAG_LATE_CONN,
+        flags,
         _pad: [0; 6],
         comm: [0; COMM_LEN],
     };
@@ -496,7 +536,7 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
 /// carry the iovec loop: the verifier walks every iteration of it, which costs
 /// about half a second of load time per program.
 fn emit_data<const VECTORED: bool>(args: &SyscallArgs, sk: u64, ret: u64, pid_tgid: u64) -> Option<()> {
-    let conn = conn_of(sk)?;
+    let conn = conn_of(sk, args.direction, ret)?;
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let mut cap = cfg!(capture_cap) as u64;
     if cap > MAX_CAPTURE as u64 {
@@ -521,6 +561,7 @@ fn emit_data<const VECTORED: bool>(args: &SyscallArgs, sk: u64, ret: u64, pid_tg
     }
     let header = unsafe { &mut (*scratch).header };
     fill_from_conn(header, conn, sk, pid_tgid, args.fd);
+    flags = fill_pos(header, conn, sk, args.direction, flags);
     unsafe { (*conn).seq += 1 };
     header.ts_enter_ns = args.ts_enter_ns;
     header.ts_exit_ns = unsafe { bpf_ktime_get_ns() };
@@ -551,6 +592,29 @@ fn fill_from_conn(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, pid_tg
     header.pid = (pid_tgid >> 32) as u32;
     header.tid = pid_tgid as u32;
     header.fd = fd;
+}
+
+/// Byte offsets of a record, read from the sock after the call, so that
+/// userspace sees exactly which bytes no record carried (lost records, lost
+/// syscall entries). Returns `flags` with `FLAG_HAS_POS` set only when the
+/// bases and both reads are valid. Two threads sending (or reading) on one
+/// socket at once may each read the other's bytes into their end offset;
+/// a send or a read is serialised by the socket lock, but our read after it
+/// is not.
+#[inline(always)]
+fn fill_pos(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, direction: u8, flags: u8) -> u8 {
+    let flags = flags & !(FLAG_HAS_POS | FLAG_FIN_SENT);
+    let (egress_base, ingress_base, conn_flags) =
+        unsafe { ((*conn).egress_base, (*conn).ingress_base, (*conn).flags) };
+    let seqs = if conn_flags & FLAG_HAS_POS != 0 { stream_seqs(sk, conn_flags & FLAG_FIN_SENT != 0) } else { None };
+    let Some((write, copied)) = seqs else {
+        header.pos_end = 0;
+        header.peer_pos = 0;
+        return flags;
+    };
+    let (egress, ingress) = (write.wrapping_sub(egress_base), copied.wrapping_sub(ingress_base));
+    (header.pos_end, header.peer_pos) = if direction == DIR_INGRESS { (ingress, egress) } else { (egress, ingress) };
+    flags | FLAG_HAS_POS
 }
 
 #[inline(always)]
@@ -739,7 +803,9 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let header: &mut EventHeader = unsafe { &mut (*scratch).header };
     fill_from_conn(header, conn, sk, id, fd);
-    header.flags = unsafe { (*conn).flags };
+    // A close is an egress record of length 0: `pos_end` is the end of the
+    // egress stream, `peer_pos` the end of what the app read.
+    header.flags = fill_pos(header, conn, sk, DIR_EGRESS, unsafe { (*conn).flags });
     header.ts_enter_ns = now;
     header.ts_exit_ns = now;
     header.len = 0;
@@ -769,9 +835,11 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
-// sock:inet_sock_set_state, on the move to ESTABLISHED: records role and
-// 4-tuple. Runs in softirq for most connections (no process to select), so it
-// records every TCP connection; the LRU map bounds that.
+// sock:inet_sock_set_state, on the move to ESTABLISHED: records role, 4-tuple
+// and stream bases. Runs in softirq for most connections (no process to
+// select), so it records every TCP connection; the LRU map bounds that. On
+// the move to FIN_WAIT1 or LAST_ACK (the app shut down sending: a FIN is
+// queued next) it marks the record, if any, so the FIN is not taken for data.
 #[tracepoint]
 pub fn sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_sock_set_state(&ctx);
@@ -782,10 +850,18 @@ pub fn sock_set_state(ctx: TracePointContext) -> u32 {
 fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
     // Offsets from events/sock/inet_sock_set_state/format.
     let newstate = unsafe { ctx.read_at::<i32>(20) }.ok()?;
-    if newstate != TCP_ESTABLISHED {
+    if newstate != TCP_ESTABLISHED && newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK {
         return None;
     }
     if unsafe { ctx.read_at::<u16>(30) }.ok()? != IPPROTO_TCP {
+        return None;
+    }
+    if newstate != TCP_ESTABLISHED {
+        let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
+        // Usually no record: close() sends the FIN after its record went.
+        if let Some(c) = CONNS.get_ptr_mut(&sk) {
+            unsafe { (*c).flags |= FLAG_FIN_SENT };
+        }
         return None;
     }
     let role = match unsafe { ctx.read_at::<i32>(16) }.ok()? {
@@ -807,12 +883,22 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         tuple.local_addr = unsafe { ctx.read_at::<[u8; 16]>(40) }.ok()?;
         tuple.remote_addr = unsafe { ctx.read_at::<[u8; 16]>(56) }.ok()?;
     }
+    // At ESTABLISHED both sequences point at the first data byte of their
+    // direction, past the SYNs: the client's copied_seq is set from rcv_nxt
+    // before its move out of SYN_SENT, the server child's at its creation
+    // in SYN_RECV (checked by the integration tests: first chunks at 0).
+    let (flags, egress_base, ingress_base) = match stream_seqs(sk, false) {
+        Some((write, copied)) => (FLAG_HAS_POS, write, copied),
+        None => (0, 0, 0),
+    };
     let info = ConnInfo {
         tuple,
         start_ns: unsafe { bpf_ktime_get_ns() },
         seq: 0,
+        egress_base,
+        ingress_base,
         role,
-        flags: 0,
+        flags,
         _pad: [0; 6],
         comm: [0; COMM_LEN],
     };

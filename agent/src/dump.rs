@@ -48,6 +48,9 @@ struct Line<'a> {
     truncated: bool,
     conn: String,
     seq: u64,
+    /// `null` when the kernel could not read the sock's sequences.
+    pos: Option<u64>,
+    peer_pos: Option<u64>,
     syscall: &'static str,
     duration_ns: u64,
     payload: String,
@@ -92,6 +95,8 @@ pub fn to_json(c: &Chunk, epoch_offset_ns: i128) -> String {
         truncated: c.truncated,
         conn: c.conn.to_string(),
         seq: c.seq,
+        pos: c.has_pos.then_some(c.pos),
+        peer_pos: c.has_pos.then_some(c.peer_pos),
         syscall: syscall_name(c.syscall),
         duration_ns: c.ts_exit_ns.saturating_sub(c.ts_enter_ns),
         payload: escape_payload(&c.payload),
@@ -231,6 +236,11 @@ mod tests {
         assert_eq!(v["payload"], "hi\\n");
         assert_eq!(v["syscall"], "read");
         assert_eq!(v["seq"], 3);
+        assert_eq!((v["pos"].as_u64(), v["peer_pos"].as_u64()), (Some(100), Some(50)));
+        let mut c = c;
+        c.has_pos = false;
+        let v: serde_json::Value = serde_json::from_str(&to_json(&c, 0)).unwrap();
+        assert!(v["pos"].is_null() && v["peer_pos"].is_null());
     }
 
     #[test]

@@ -386,3 +386,185 @@ fn pid_filter_and_the_agent_never_traces_itself() {
     assert!(chunks.iter().all(|c| c.n("pid") != agent_pid));
     assert_eq!(data(&chunks, "python3", "ingress").len(), 3);
 }
+
+/// Data chunks of one connection in one direction, in release order.
+fn conn_data<'a>(chunks: &'a [Value], conn: &str, direction: &str) -> Vec<&'a Value> {
+    chunks.iter().filter(|c| c.s("kind") == "data" && c.s("conn") == conn && c.s("direction") == direction).collect()
+}
+
+fn close_of<'a>(chunks: &'a [Value], conn: &str) -> Option<&'a Value> {
+    chunks.iter().find(|c| c.s("kind") == "close" && c.s("conn") == conn)
+}
+
+/// A chunk's accounting fields, for assertion messages (payloads are long).
+fn brief(c: &Value) -> String {
+    format!(
+        "{} {} {} seq={} pos={} len={} peer_pos={}",
+        c.s("comm"),
+        c.s("kind"),
+        c.s("direction"),
+        c["seq"],
+        c["pos"],
+        c["len"],
+        c["peer_pos"]
+    )
+}
+
+/// Each chunk starts where the previous one of its direction ended, from 0.
+fn assert_contiguous(side: &[&Value], what: &str) {
+    let mut end = 0;
+    for c in side {
+        assert_eq!(c.n("pos"), end, "{what}: chunk starts where the previous ended: {}", brief(c));
+        end += c.n("len");
+    }
+}
+
+#[test]
+fn byte_positions_of_a_fresh_connection_start_at_zero_and_are_contiguous() {
+    if !require_root("byte_positions") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    fs::write(dir.path().join("f.bin"), &body).unwrap();
+    let port = free_port();
+    let _server = python_http_server(dir.path(), port);
+    let agent = Agent::start(&["--port", &port.to_string()]);
+    // A long header so the request is not one small write; the HTTP/1.0
+    // server shuts its sending side down before close (a FIN in write_seq).
+    let long = format!("X-Pad: {}", "p".repeat(5000));
+    let sizes = run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-H",
+        &long,
+        "-w",
+        "%{size_request} %{size_header} %{size_download}",
+        &format!("http://127.0.0.1:{port}/f.bin"),
+    ]));
+    let (chunks, log) = agent.stop();
+    let v: Vec<u64> = sizes.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (request, response) = (v[0], v[1] + v[2]);
+
+    for (comm, role, sent, received) in [("curl", "client", request, response), ("python3", "server", response, request)] {
+        let any = chunks.iter().find(|c| c.s("comm") == comm && c.s("kind") == "data").unwrap_or_else(|| panic!("no {comm} chunk"));
+        assert_eq!(any.s("role"), role, "a connection seen from its start (made by {role})");
+        let conn = any.s("conn");
+        let out = conn_data(&chunks, conn, "egress");
+        let inn = conn_data(&chunks, conn, "ingress");
+        assert!(out.len() + inn.len() >= 3, "{comm}: several chunks: {chunks:#?}");
+        assert_contiguous(&out, &format!("{comm} egress"));
+        assert_contiguous(&inn, &format!("{comm} ingress"));
+        assert_eq!(total_len(&out), sent, "{comm}");
+        assert_eq!(total_len(&inn), received, "{comm}");
+        // The other direction's count: the client had sent its whole request
+        // before reading the response; the server had read it all before answering.
+        let (waits_on, answer) = if role == "client" { (&out, &inn) } else { (&inn, &out) };
+        let whole = total_len(waits_on);
+        for c in answer.iter() {
+            assert_eq!(c.n("peer_pos"), whole, "{comm}: {}", brief(c));
+        }
+        for c in waits_on.iter() {
+            assert!(c.n("peer_pos") <= c.n("pos"), "{comm}: nothing answered before the request ended: {}", brief(c));
+        }
+        // The close: end of egress and of what was read, FINs not counted.
+        let close = close_of(&chunks, conn).unwrap_or_else(|| panic!("{comm}: no close"));
+        assert_eq!((close.n("pos"), close.n("peer_pos")), (sent, received), "{comm}: {}", brief(close));
+    }
+    assert_eq!(counter(&log, "stream_gaps"), 0);
+    assert_eq!(counter(&log, "stream_gap_bytes"), 0);
+}
+
+const SLOW_CLOSE_CLIENT: &str = r#"
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+out = []
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    req = b"GET /big.bin HTTP/1.0\r\nX-N: %d\r\n\r\n" % i
+    c.sendall(req)
+    got = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        got += len(d)
+    # Let the agent drain the full ring buffer before our close record.
+    time.sleep(0.8)
+    out.append("%d:%d:%d" % (c.getsockname()[1], len(req), got))
+    c.close()
+print(" ".join(out), flush=True)
+"#;
+
+/// A ring buffer far too small for the traffic loses records; the byte
+/// positions of the chunks that do arrive tell exactly how many bytes each
+/// hole holds, so lens plus holes add up to the true stream sizes.
+#[test]
+fn lost_records_leave_holes_that_positions_measure_exactly() {
+    if !require_root("lost_records_positions") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 247) as u8).collect();
+    fs::write(dir.path().join("big.bin"), &body).unwrap();
+    let port = free_port();
+    let _server = python_http_server(dir.path(), port);
+    let agent = Agent::start(&[
+        "--port",
+        &port.to_string(),
+        "--ringbuf-bytes",
+        "4096",
+        "--capture-bytes",
+        "64",
+        "--drain-interval-ms",
+        "500",
+    ]);
+    let mut client = python(SLOW_CLOSE_CLIENT, &[&port.to_string(), "4"]);
+    let conns: Vec<(String, u64, u64)> = read_line(&mut client)
+        .split_whitespace()
+        .map(|t| {
+            let f: Vec<&str> = t.split(':').collect();
+            (format!("127.0.0.1:{}", f[0]), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    let _ = client.wait();
+    let (chunks, log) = agent.stop();
+    assert_eq!(conns.len(), 4);
+
+    let mut holes_seen = 0;
+    let mut closes_checked = 0;
+    let ids: HashSet<&str> = chunks.iter().map(|c| c.s("conn")).collect();
+    for id in ids {
+        let close = close_of(&chunks, id);
+        for direction in ["egress", "ingress"] {
+            let side = conn_data(&chunks, id, direction);
+            let (mut end, mut lens, mut holes) = (0, 0, 0);
+            for c in &side {
+                assert!(c.n("pos") >= end, "in order, no overlap: {}", brief(c));
+                holes += c.n("pos") - end;
+                lens += c.n("len");
+                end = c.n("pos") + c.n("len");
+            }
+            // A close gives both directions' final ends, revealing lost tails.
+            if let Some(cl) = close {
+                let fin = if direction == "egress" { cl.n("pos") } else { cl.n("peer_pos") };
+                assert!(fin >= end, "{}", brief(cl));
+                holes += fin - end;
+                end = fin;
+            }
+            assert_eq!(lens + holes, end, "{id} {direction}: lens + holes = stream size");
+            holes_seen += holes;
+        }
+        // The client's own numbers are the truth for connections whose close came.
+        if let Some(cl) = close.filter(|c| c.s("comm") == "python3" && c.s("role") == "client") {
+            let (_, sent, got) = conns.iter().find(|(local, ..)| local == cl.s("local")).expect("a client connection");
+            assert_eq!((cl.n("pos"), cl.n("peer_pos")), (*sent, *got), "{}", brief(cl));
+            closes_checked += 1;
+        }
+    }
+    assert!(counter(&log, "ringbuf_full") > 0, "records were lost:\n{log}");
+    assert!(holes_seen > 0, "holes were measured");
+    assert!(counter(&log, "stream_gaps") > 0 && counter(&log, "stream_gap_bytes") > 0, "{log}");
+    assert!(closes_checked > 0, "some client closes survived the losses:\n{log}");
+}

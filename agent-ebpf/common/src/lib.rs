@@ -97,6 +97,12 @@ pub const SYS_SENDFILE: u8 = 10;
 pub const FLAG_TRUNCATED: u8 = 1;
 /// The connection record was created at first data, not at connection setup.
 pub const FLAG_LATE_CONN: u8 = 2;
+/// `pos_end` and `peer_pos` are valid (the sock's sequence fields were read).
+/// In `ConnInfo::flags`: the bases are valid.
+pub const FLAG_HAS_POS: u8 = 4;
+/// `ConnInfo::flags` only: the app shut down its sending side, so
+/// `write_seq` counts the FIN's sequence number too.
+pub const FLAG_FIN_SENT: u8 = 8;
 
 // ---- address families (as in the kernel) ----
 pub const AF_INET: u16 = 2;
@@ -160,9 +166,18 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// `tcp_sock.write_seq`: sequence just past the last byte queued to send.
+    /// `struct tcp_sock` starts with `struct sock`, so it is an offset from `sk`.
+    pub tcp_write_seq: u32,
+    /// `tcp_sock.copied_seq`: sequence just past the last byte read by the app.
+    pub tcp_copied_seq: u32,
+    /// `tcp_sock.rcv_nxt`: next sequence expected from the peer.
+    pub tcp_rcv_nxt: u32,
+    /// `sock_common.skc_flags` (`sk_flags`, an unsigned long of `SOCK_*` bits).
+    pub skc_flags: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
 
 /// Read-only configuration, written into the object's `.rodata` by the loader
 /// before the programs are verified, so the verifier sees constants.
@@ -179,7 +194,7 @@ pub struct Config {
     pub nr_cpus: u32,
     pub offsets: KernelOffsets,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 /// Connection 4-tuple. Addresses are in network byte order as the kernel
 /// stores them (IPv4 in the first 4 bytes); ports in host byte order.
@@ -205,8 +220,14 @@ pub struct ConnInfo {
     pub start_ns: u64,
     /// Next per-connection sequence number.
     pub seq: u64,
+    /// `tcp_sock.write_seq` and `copied_seq` at the start of the stream (at
+    /// ESTABLISHED, or for a late record the sequence of the first byte seen):
+    /// records carry byte offsets from these. Valid with `FLAG_HAS_POS`.
+    pub egress_base: u32,
+    pub ingress_base: u32,
     pub role: u8,
-    /// `FLAG_LATE_CONN` when made at first data.
+    /// `FLAG_LATE_CONN` when made at first data; `FLAG_HAS_POS` when the
+    /// bases were read.
     pub flags: u8,
     pub _pad: [u8; 6],
     /// Process name, filled at the first captured syscall (the record is often
@@ -214,7 +235,7 @@ pub struct ConnInfo {
     /// event afterwards.
     pub comm: [u8; COMM_LEN],
 }
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 88);
 
 /// Syscall arguments saved at entry and consumed at exit, in the calling
 /// CPU's slot (`SLOTS`), or in `SPILL` when another call needed the slot
@@ -268,6 +289,13 @@ pub struct EventHeader {
     pub fd: i32,
     /// Payload bytes following this header.
     pub captured: u32,
+    /// Byte offset, mod 2^32, just past this record's bytes in its own
+    /// direction (for a close: the end of the egress stream), counted from
+    /// the connection's base (`ConnInfo`). Valid with `FLAG_HAS_POS`.
+    pub pos_end: u32,
+    /// The other direction's byte offset (mod 2^32) at this record: the end
+    /// of what was sent (ingress records) or read by the app (egress and close).
+    pub peer_pos: u32,
     pub kind: u8,
     pub direction: u8,
     pub role: u8,
@@ -278,7 +306,7 @@ pub struct EventHeader {
     pub tuple: ConnTuple,
 }
 pub const EVENT_HEADER_SIZE: usize = core::mem::size_of::<EventHeader>();
-const _: () = assert!(EVENT_HEADER_SIZE == 128);
+const _: () = assert!(EVENT_HEADER_SIZE == 136);
 
 /// Per-CPU scratch where a record is assembled before `bpf_ringbuf_output`.
 /// The payload area is twice the cap so `offset + len`, each masked to

@@ -257,6 +257,12 @@ impl Btf {
             skc_num: sk_common + self.field("sock_common", "skc_num", 2)?,
             skc_v6_daddr: sk_common + self.field("sock_common", "skc_v6_daddr", 16)?,
             skc_v6_rcv_saddr: sk_common + self.field("sock_common", "skc_v6_rcv_saddr", 16)?,
+            // Offsets from the start of tcp_sock, which begins with its
+            // struct sock (through inet_connection_sock and inet_sock).
+            tcp_write_seq: self.field("tcp_sock", "write_seq", 4)?,
+            tcp_copied_seq: self.field("tcp_sock", "copied_seq", 4)?,
+            tcp_rcv_nxt: self.field("tcp_sock", "rcv_nxt", 4)?,
+            skc_flags: sk_common + self.field("sock_common", "skc_flags", 8)?,
             _pad: 0,
         })
     }
@@ -333,5 +339,9 @@ mod tests {
         assert!(o.skc_family < 64 && o.skc_num < 64 && o.skc_dport < 64);
         assert_ne!(o.task_files, 0);
         assert_ne!(o.skc_v6_daddr, o.skc_v6_rcv_saddr);
+        // tcp_sock's own fields lie past the struct sock it starts with.
+        let sock_size = btf.size_of(btf.structs["sock"]);
+        assert!(o.tcp_write_seq >= sock_size && o.tcp_copied_seq >= sock_size, "{o:?}");
+        assert_ne!(o.tcp_write_seq, o.tcp_copied_seq);
     }
 }

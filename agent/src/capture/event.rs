@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 
 use agent_common::{
     ConnTuple, COMM_LEN, EventHeader, AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
-    FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, ROLE_CLIENT, ROLE_SERVER,
+    FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, ROLE_CLIENT, ROLE_SERVER,
 };
 
 /// One connection: the kernel `struct sock` address plus the time its record
@@ -138,6 +138,19 @@ pub struct Chunk {
     pub syscall: u8,
     /// Bytes the syscall moved.
     pub len: u64,
+    /// Offset of this chunk's first byte in its direction of the connection:
+    /// 0 is the first byte after ESTABLISHED (for a late connection, the
+    /// first byte of the chunk that made its record). A close chunk gives the
+    /// end of the egress stream. Bytes between one chunk's end and the next
+    /// one's `pos` were moved but never captured. The kernel sends offsets
+    /// mod 2^32: [`decode`] leaves only those low bits, the reorder stage
+    /// extends them as it releases the connection's chunks in order.
+    pub pos: u64,
+    /// The other direction's byte count at this chunk (same base): bytes the
+    /// app had read (egress and close chunks) or sent (ingress chunks).
+    pub peer_pos: u64,
+    /// `pos` and `peer_pos` are known (the kernel read the sock's sequences).
+    pub has_pos: bool,
     /// Fewer bytes captured than moved.
     pub truncated: bool,
     /// The connection predates the agent (or its record was evicted).
@@ -231,6 +244,10 @@ pub fn decode(record: &[u8], arena: &mut BytesMut) -> Result<Chunk, DecodeError>
         direction,
         syscall: h.syscall,
         len: h.len,
+        // The start mod 2^32; the end may have wrapped past the start.
+        pos: u64::from(h.pos_end.wrapping_sub(h.len as u32)),
+        peer_pos: u64::from(h.peer_pos),
+        has_pos: h.flags & FLAG_HAS_POS != 0,
         truncated: h.flags & FLAG_TRUNCATED != 0,
         late_conn: h.flags & FLAG_LATE_CONN != 0,
         local,
@@ -268,11 +285,13 @@ pub(crate) mod tests {
             tid: 43,
             fd: 3,
             captured: payload.len() as u32,
+            pos_end: 100 + payload.len() as u32 + 7,
+            peer_pos: 50,
             kind,
             direction: DIR_INGRESS,
             role: ROLE_SERVER,
             syscall: SYS_READ,
-            flags: FLAG_TRUNCATED,
+            flags: FLAG_TRUNCATED | FLAG_HAS_POS,
             _pad: [0; 3],
             comm: c,
             tuple: t,
@@ -293,6 +312,7 @@ pub(crate) mod tests {
         assert_eq!(&c.payload[..], b"GET / HTTP/1.1\r\n");
         assert_eq!(c.len, 16 + 7);
         assert!(c.truncated && !c.late_conn);
+        assert_eq!((c.pos, c.peer_pos, c.has_pos), (100, 50, true));
         assert_eq!(c.local.to_string(), "127.0.0.1:8080");
         assert_eq!(c.remote.to_string(), "127.0.0.2:40000");
         assert_eq!((c.role, c.direction), (Role::Server, Direction::Ingress));

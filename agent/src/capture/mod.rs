@@ -152,6 +152,9 @@ pub struct UserCounters {
     pub bytes: u64,
     pub decode_errors: u64,
     pub seq_gaps: u64,
+    /// Holes in byte streams that chunk positions reveal, and their bytes.
+    pub stream_gaps: u64,
+    pub stream_gap_bytes: u64,
     pub late: u64,
     pub reordered: u64,
     /// Batches dropped because the next stage's queue was full.
@@ -162,8 +165,16 @@ impl std::fmt::Display for UserCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "records={} bytes={} decode_errors={} seq_gaps={} late={} reordered={} queue_full_chunks={}",
-            self.records, self.bytes, self.decode_errors, self.seq_gaps, self.late, self.reordered, self.queue_full_chunks
+            "records={} bytes={} decode_errors={} seq_gaps={} stream_gaps={} stream_gap_bytes={} late={} reordered={} queue_full_chunks={}",
+            self.records,
+            self.bytes,
+            self.decode_errors,
+            self.seq_gaps,
+            self.stream_gaps,
+            self.stream_gap_bytes,
+            self.late,
+            self.reordered,
+            self.queue_full_chunks
         )
     }
 }
@@ -271,6 +282,7 @@ impl Capture {
         self.reorder.end_pass(out);
         let s = self.reorder.stats;
         (self.user.seq_gaps, self.user.late, self.user.reordered) = (s.gaps, s.late, s.reordered);
+        (self.user.stream_gaps, self.user.stream_gap_bytes) = (s.stream_gaps, s.stream_gap_bytes);
     }
 
     /// Kernel counters summed over CPUs.
