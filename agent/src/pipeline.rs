@@ -263,6 +263,7 @@ impl Stats {
             oversized_heads = d.oversized_heads,
             dropped_connections = d.dropped_connections,
             orphan_responses = d.orphan_responses,
+            gap_bytes = decoder.gap_bytes,
             h2_connections = h2.connections,
             h2_late_connections = h2.late_connections,
             h2_upgrades = h2.upgrades,

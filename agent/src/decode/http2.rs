@@ -1256,6 +1256,9 @@ mod tests {
                 late_conn: self.late,
                 local,
                 remote,
+                pos: 0,
+                peer_pos: 0,
+                has_pos: false,
                 payload: bytes::Bytes::copy_from_slice(payload),
             }
         }

@@ -38,13 +38,42 @@ pub struct AllCounters {
     pub http2: H2Counters,
 }
 
+/// Per connection: its protocol, and where each direction's next byte is
+/// (from the kernel's byte positions), so bytes never captured are known.
+#[derive(Debug, Clone, Copy)]
+struct ConnState {
+    kind: Kind,
+    next: [Option<u64>; 2],
+}
+
 /// The decode stage: picks each connection's protocol from its first bytes
-/// and feeds its chunks to that decoder.
+/// and feeds its chunks to that decoder, telling it first of any bytes the
+/// chunk positions show were lost before a chunk.
 pub struct Decoder {
     http1: Http1Decoder,
     http2: Http2Decoder,
-    kinds: ConnMap<Kind>,
+    kinds: ConnMap<ConnState>,
     max_connections: usize,
+    /// Bytes lost between chunks, as the positions show.
+    pub gap_bytes: u64,
+}
+
+fn dir_slot(d: Direction) -> usize {
+    match d {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    }
+}
+
+/// Moves `next` past `chunk`; returns the bytes missing before it.
+fn advance(next: &mut [Option<u64>; 2], chunk: &Chunk) -> u64 {
+    if !chunk.has_pos || chunk.kind != ChunkKind::Data {
+        return 0;
+    }
+    let slot = &mut next[dir_slot(chunk.direction)];
+    let gap = slot.map_or(0, |n| chunk.pos.saturating_sub(n));
+    *slot = Some(chunk.pos + chunk.len);
+    gap
 }
 
 impl Decoder {
@@ -55,41 +84,25 @@ impl Decoder {
             http2: Http2Decoder::new(h2),
             kinds: ConnMap::default(),
             max_connections,
+            gap_bytes: 0,
         }
     }
 
     /// Feeds one chunk (in per-connection order); pushes finished exchanges to `out`.
     pub fn push(&mut self, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
-        let kind = match self.kinds.get(&chunk.conn) {
-            Some(k) => *k,
-            None if chunk.kind == ChunkKind::Close => return,
-            None => {
-                if chunk.payload.is_empty() && chunk.len > 0 {
-                    // Nothing to classify by (sendfile, or all cut).
-                    return;
-                }
-                let k = match classify(chunk) {
-                    Some(start) => {
-                        self.http2.start(
-                            chunk,
-                            chunk.late_conn && start.is_none(),
-                            start.unwrap_or(0),
-                            out,
-                        );
-                        Kind::Http2
-                    }
-                    None => {
-                        self.http1.push(chunk, out);
-                        Kind::Http1
-                    }
-                };
-                if self.kinds.len() >= self.max_connections {
-                    self.sweep();
-                }
-                self.kinds.insert(chunk.conn, k);
-                return;
-            }
+        let Some(st) = self.kinds.get_mut(&chunk.conn) else {
+            self.first(chunk, out);
+            return;
         };
+        let gap = advance(&mut st.next, chunk);
+        let kind = st.kind;
+        if gap > 0 {
+            self.gap_bytes += gap;
+            match kind {
+                Kind::Http2 => self.http2.gap(&chunk.conn, chunk.direction, gap, out),
+                Kind::Http1 => self.http1.gap(chunk, gap, out),
+            }
+        }
         match kind {
             Kind::Http2 => self.http2.push(chunk, out),
             Kind::Http1 => {
@@ -101,6 +114,38 @@ impl Decoder {
         if chunk.kind == ChunkKind::Close {
             self.kinds.remove(&chunk.conn);
         }
+    }
+
+    /// The first chunk of a connection decides its protocol.
+    fn first(&mut self, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
+        if chunk.kind == ChunkKind::Close || (chunk.payload.is_empty() && chunk.len > 0) {
+            // Nothing to classify by (a close, sendfile, or all cut).
+            return;
+        }
+        // Bytes before the first chunk were lost: decode it as joined mid-way.
+        let owned;
+        let chunk = if !chunk.late_conn && chunk.has_pos && chunk.pos > 0 {
+            owned = Chunk { late_conn: true, ..chunk.clone() };
+            &owned
+        } else {
+            chunk
+        };
+        let kind = match classify(chunk) {
+            Some(start) => {
+                self.http2.start(chunk, chunk.late_conn && start.is_none(), start.unwrap_or(0), out);
+                Kind::Http2
+            }
+            None => {
+                self.http1.push(chunk, out);
+                Kind::Http1
+            }
+        };
+        if self.kinds.len() >= self.max_connections {
+            self.sweep();
+        }
+        let mut st = ConnState { kind, next: [None; 2] };
+        advance(&mut st.next, chunk);
+        self.kinds.insert(chunk.conn, st);
     }
 
     /// An HTTP/1.1 `Upgrade: h2c` answered by 101 in this chunk: the request
@@ -119,26 +164,18 @@ impl Decoder {
             .and_then(|p| find(&data[p..], b"\r\n\r\n").map(|e| p + e + 4));
         let start = head.unwrap_or(data.len());
         self.http2.upgrade(chunk, ex, start, out);
-        self.kinds.insert(chunk.conn, Kind::Http2);
+        if let Some(st) = self.kinds.get_mut(&chunk.conn) {
+            st.kind = Kind::Http2;
+        }
     }
 
     /// Forgets protocol choices of connections neither decoder still tracks.
     fn sweep(&mut self) {
         let (h1, h2) = (&self.http1, &self.http2);
-        self.kinds.retain(|id, k| match k {
+        self.kinds.retain(|id, st| match st.kind {
             Kind::Http1 => h1.contains(id),
             Kind::Http2 => h2.contains(id),
         });
-    }
-
-    /// Bytes the chunk positions show were never captured in `chunk`'s
-    /// direction, just before it; call before pushing `chunk`.
-    pub fn gap(&mut self, chunk: &Chunk, bytes: u64, out: &mut Vec<HttpExchange>) {
-        match self.kinds.get(&chunk.conn) {
-            Some(Kind::Http2) => self.http2.gap(&chunk.conn, chunk.direction, bytes, out),
-            Some(Kind::Http1) => self.http1.gap(chunk, bytes, out),
-            None => {}
-        }
     }
 
     pub fn expire(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<HttpExchange>) {
