@@ -69,6 +69,9 @@ pub struct DecodeCounters {
     /// Added: a hole hit chunked framing (size line, CRLF or trailers), so the
     /// message was dropped and the stream resynchronised.
     pub lost_framing: u64,
+    /// Exchanges not emitted because bytes of their response were never
+    /// captured (a gap in the kernel's byte positions).
+    pub lost_to_gaps: u64,
 }
 
 /// Dropped entirely from stored headers: credentials and session tokens must
@@ -638,6 +641,9 @@ struct Stream {
     head_tid: u32,
     /// Pending exchange whose body this stream is reading (None: orphan).
     cur: Option<u64>,
+    /// Position of the buffered head's first byte in this direction, when the
+    /// kernel gave positions.
+    head_pos: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -653,6 +659,13 @@ struct Pending {
     upgrade: Option<String>,
     req_done: bool,
     resp_done: bool,
+    /// How many bytes the other direction had carried when the request was
+    /// seen: its response cannot start before that position.
+    resp_floor: Option<u64>,
+    /// For a stand-in for requests lost in a gap: how many bytes the other
+    /// direction had carried when the gap showed. A server answers what it
+    /// read before reading on, so responses from there on are not theirs.
+    resp_ceiling: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -922,6 +935,7 @@ impl Conn {
             }
             st.head_first_ns = moment_ns(chunk);
             st.head_tid = chunk.tid;
+            st.head_pos = chunk.has_pos.then_some(chunk.pos + pos as u64);
         }
         // `old` bytes came from earlier chunks; whatever the head does not use
         // of this chunk's bytes is still in `data`, so nothing is copied twice.
@@ -1021,6 +1035,8 @@ impl Conn {
             upgrade: head.upgrade,
             req_done: body.is_none(),
             resp_done: false,
+            resp_floor: chunk.has_pos.then_some(chunk.peer_pos),
+            resp_ceiling: None,
         });
         if let Some(b) = body {
             st.cur = Some(id);
@@ -1036,6 +1052,16 @@ impl Conn {
         chunk: &Chunk,
         out: &mut Vec<HttpExchange>,
     ) {
+        // Stand-ins for lost requests whose answers must have come already.
+        while let Some(i) = self.pending.iter().position(|p| !p.resp_done) {
+            let spent = self.pending.get(i).is_some_and(|p| {
+                p.lost && matches!((p.resp_ceiling, st.head_pos), (Some(c), Some(h)) if h >= c)
+            });
+            if !spent {
+                break;
+            }
+            self.pending.remove(i);
+        }
         let target = self.pending.iter().position(|p| !p.resp_done);
         let (is_head, is_connect) = target
             .and_then(|i| self.pending.get(i))
@@ -1050,6 +1076,11 @@ impl Conn {
             return;
         }
         let body = response_body(&head, is_head);
+        // A response that starts before its would-be request's floor was
+        // written before that request was even seen: it answers a request we
+        // lost, and pairing it would give the next request its status.
+        let early = |p: &Pending| matches!((p.resp_floor, st.head_pos), (Some(f), Some(h)) if h < f);
+        let target = target.filter(|&i| !self.pending.get(i).is_some_and(early));
         let Some(p) = target.and_then(|i| self.pending.get_mut(i)) else {
             ctx.c.orphan_responses += 1;
             // Still frame it (as if to a GET) so the next response is found.
@@ -1213,6 +1244,8 @@ impl Conn {
                     upgrade: None,
                     req_done: true,
                     resp_done: false,
+                    resp_floor: None,
+                    resp_ceiling: None,
                 });
             }
             Side::Resp => {
@@ -1279,7 +1312,33 @@ impl Conn {
             return;
         };
         let mut st = std::mem::take(self.stream_mut(side));
+        let inside = match &st.state {
+            State::Body(Body::Length(rem)) => bytes < *rem,
+            State::Body(Body::UntilClose) => true,
+            State::Body(Body::Chunked(Chunked::Data(rem))) => bytes < *rem,
+            _ => false,
+        };
+        if side == Side::Resp && !inside && chunk.has_pos {
+            // Whole responses may be in the gap: every request whose response
+            // could have started there is dropped, not paired with a later one.
+            let end = chunk.pos;
+            let cur = st.cur.take();
+            let before = self.pending.len();
+            self.pending
+                .retain(|p| p.resp_done || (Some(p.id) != cur && p.resp_floor.is_some_and(|f| f >= end)));
+            ctx.c.lost_to_gaps += (before - self.pending.len()) as u64;
+            st.buf.clear();
+            st.state = State::Resync;
+            *self.stream_mut(side) = st;
+            self.drain(ctx, out);
+            return;
+        }
         self.on_hole(&mut st, side, ctx, chunk, bytes, out);
+        if side == Side::Req && chunk.has_pos {
+            if let Some(p) = self.pending.back_mut().filter(|p| p.lost && p.resp_ceiling.is_none()) {
+                p.resp_ceiling = Some(chunk.peer_pos);
+            }
+        }
         if self.mode == Mode::Http {
             *self.stream_mut(side) = st;
         }
@@ -2517,5 +2576,66 @@ mod tests {
         }
         assert_eq!(dec.counters().exchanges, out.len() as u64);
         assert!(!out.is_empty());
+    }
+
+    /// Server side of one connection with the kernel's byte positions; each
+    /// event is (direction, bytes, captured?). Lost events still advance the
+    /// positions, as they do in the kernel.
+    fn run_with_positions(events: &[(Direction, &str, bool)]) -> (Vec<(String, Option<u16>)>, DecodeCounters) {
+        let mut dec = crate::decode::Decoder::default();
+        let mut out = Vec::new();
+        let mut at = [0u64; 2];
+        for (i, (dir, text, captured)) in events.iter().enumerate() {
+            let (me, peer) = match dir {
+                Direction::Egress => (0, 1),
+                Direction::Ingress => (1, 0),
+            };
+            let t = 1000 + 100 * i as u64;
+            let mut c = mk(cid(1), Role::Server, *dir, text.as_bytes(), text.len() as u64, t, t + 5);
+            (c.pos, c.peer_pos, c.has_pos) = (at[me], at[peer], true);
+            at[me] += text.len() as u64;
+            if *captured {
+                dec.push(&c, &mut out);
+            }
+        }
+        let got = out.iter().map(|e| (e.target.clone(), e.status)).collect();
+        (got, dec.counters().http1)
+    }
+
+    #[test]
+    fn lost_chunks_never_pair_a_request_with_another_ones_response() {
+        use Direction::{Egress as Out, Ingress as In};
+        let req = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let resp = |s: u16| format!("HTTP/1.1 {s} X\r\nContent-Length: 2\r\n\r\nok");
+        let (a, b, c, d) = (req("/a"), req("/b"), req("/c"), req("/d"));
+        let (r200, r404, r500, r503) = (resp(200), resp(404), resp(500), resp(503));
+        type Case<'a> = (&'a str, Vec<(Direction, &'a str, bool)>, Vec<(&'a str, u16)>);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "a lost response: its request is dropped, the next one keeps its own",
+                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, &r404, false), (In, &c, true), (Out, &r500, true)],
+                vec![("/a", 200), ("/c", 500)],
+            ),
+            (
+                "two lost requests: their responses are not given to the next request",
+                vec![
+                    (In, &a, true), (Out, &r200, true),
+                    (In, &b, false), (Out, &r404, true),
+                    (In, &c, false), (Out, &r500, true),
+                    (In, &d, true), (Out, &r503, true),
+                ],
+                vec![("/a", 200), ("/d", 503)],
+            ),
+            (
+                "nothing lost",
+                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, &r404, true)],
+                vec![("/a", 200), ("/b", 404)],
+            ),
+        ];
+        for (name, events, want) in cases {
+            let (got, counters) = run_with_positions(&events);
+            let want: Vec<(String, Option<u16>)> = want.iter().map(|(p, s)| (p.to_string(), Some(*s))).collect();
+            assert_eq!(got, want, "{name}: {counters:?}");
+        }
     }
 }
