@@ -411,6 +411,15 @@ const GRPC_SERVER_ERRORS: [u32; 6] = [2, 4, 12, 13, 14, 15];
 /// HTTP/2 RST_STREAM CANCEL: the gRPC call was cancelled.
 const H2_CANCEL: u32 = 8;
 
+/// `/package.Service/Method`: what gRPC paths look like.
+fn grpc_path(p: &str) -> bool {
+    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    match p.strip_prefix('/').and_then(|r| r.split_once('/')) {
+        Some((svc, m)) => ok(svc) && svc.contains('.') && ok(m) && !m.contains('.'),
+        None => false,
+    }
+}
+
 /// A gRPC call: an HTTP/2 stream whose request is `application/grpc*`.
 struct Grpc<'a> {
     /// `package.Service/Method`.
@@ -427,12 +436,14 @@ impl<'a> Grpc<'a> {
         if !matches!(ex.protocol, Protocol::Http2 { .. }) {
             return None;
         }
-        let ct = header(&ex.request_headers, "content-type")?;
-        if !ct
-            .as_bytes()
-            .get(..16)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-        {
+        let grpc = match header(&ex.request_headers, "content-type") {
+            Some(ct) => ct.as_bytes().get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc")),
+            // Joined mid-connection, the content-type is often an HPACK entry
+            // the agent never saw: a POST to `/package.Service/Method` then
+            // stands for it (the span is marked incomplete either way).
+            None => ex.incomplete && ex.method == "POST" && grpc_path(&ex.target),
+        };
+        if !grpc {
             return None;
         }
         let method = ex.target.strip_prefix('/').unwrap_or(&ex.target);

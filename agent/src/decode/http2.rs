@@ -985,7 +985,12 @@ impl Conn {
 
     /// The traced process closed its socket: open streams end unanswered.
     fn close(self, ctx: &mut Ctx, out: &mut Vec<HttpExchange>) {
-        for s in self.streams {
+        // Clients such as curl close without reading the END_STREAM that
+        // follows a body of the announced content-length.
+        let full = |h: &Headers, got: u64| h.get("content-length").and_then(|v| v.trim().parse::<u64>().ok()) == Some(got);
+        for mut s in self.streams {
+            s.req_end |= full(&s.ex.request_headers, s.ex.request_body_bytes);
+            s.resp_end |= s.resp_final && full(&s.ex.response_headers, s.ex.response_body_bytes);
             emit(ctx, out, s, Outcome::Aborted);
         }
     }
