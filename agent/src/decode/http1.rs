@@ -1079,7 +1079,8 @@ impl Conn {
         // A response that starts before its would-be request's floor was
         // written before that request was even seen: it answers a request we
         // lost, and pairing it would give the next request its status.
-        let early = |p: &Pending| matches!((p.resp_floor, st.head_pos), (Some(f), Some(h)) if h < f);
+        let early =
+            |p: &Pending| matches!((p.resp_floor, st.head_pos), (Some(f), Some(h)) if h < f);
         let target = target.filter(|&i| !self.pending.get(i).is_some_and(early));
         let Some(p) = target.and_then(|i| self.pending.get_mut(i)) else {
             ctx.c.orphan_responses += 1;
@@ -1324,8 +1325,9 @@ impl Conn {
             let end = chunk.pos;
             let cur = st.cur.take();
             let before = self.pending.len();
-            self.pending
-                .retain(|p| p.resp_done || (Some(p.id) != cur && p.resp_floor.is_some_and(|f| f >= end)));
+            self.pending.retain(|p| {
+                p.resp_done || (Some(p.id) != cur && p.resp_floor.is_some_and(|f| f >= end))
+            });
             ctx.c.lost_to_gaps += (before - self.pending.len()) as u64;
             st.buf.clear();
             st.state = State::Resync;
@@ -1335,7 +1337,11 @@ impl Conn {
         }
         self.on_hole(&mut st, side, ctx, chunk, bytes, out);
         if side == Side::Req && chunk.has_pos {
-            if let Some(p) = self.pending.back_mut().filter(|p| p.lost && p.resp_ceiling.is_none()) {
+            if let Some(p) = self
+                .pending
+                .back_mut()
+                .filter(|p| p.lost && p.resp_ceiling.is_none())
+            {
                 p.resp_ceiling = Some(chunk.peer_pos);
             }
         }
@@ -2581,7 +2587,9 @@ mod tests {
     /// Server side of one connection with the kernel's byte positions; each
     /// event is (direction, bytes, captured?). Lost events still advance the
     /// positions, as they do in the kernel.
-    fn run_with_positions(events: &[(Direction, &str, bool)]) -> (Vec<(String, Option<u16>)>, DecodeCounters) {
+    fn run_with_positions(
+        events: &[(Direction, &str, bool)],
+    ) -> (Vec<(String, Option<u16>)>, DecodeCounters) {
         let mut dec = crate::decode::Decoder::default();
         let mut out = Vec::new();
         let mut at = [0u64; 2];
@@ -2591,7 +2599,15 @@ mod tests {
                 Direction::Ingress => (1, 0),
             };
             let t = 1000 + 100 * i as u64;
-            let mut c = mk(cid(1), Role::Server, *dir, text.as_bytes(), text.len() as u64, t, t + 5);
+            let mut c = mk(
+                cid(1),
+                Role::Server,
+                *dir,
+                text.as_bytes(),
+                text.len() as u64,
+                t,
+                t + 5,
+            );
             (c.pos, c.peer_pos, c.has_pos) = (at[me], at[peer], true);
             at[me] += text.len() as u64;
             if *captured {
@@ -2609,32 +2625,55 @@ mod tests {
         let resp = |s: u16| format!("HTTP/1.1 {s} X\r\nContent-Length: 2\r\n\r\nok");
         let (a, b, c, d) = (req("/a"), req("/b"), req("/c"), req("/d"));
         let (r200, r404, r500, r503) = (resp(200), resp(404), resp(500), resp(503));
-        type Case<'a> = (&'a str, Vec<(Direction, &'a str, bool)>, Vec<(&'a str, u16)>);
+        type Case<'a> = (
+            &'a str,
+            Vec<(Direction, &'a str, bool)>,
+            Vec<(&'a str, u16)>,
+        );
         let cases: Vec<Case<'_>> = vec![
             (
                 "a lost response: its request is dropped, the next one keeps its own",
-                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, &r404, false), (In, &c, true), (Out, &r500, true)],
+                vec![
+                    (In, &a, true),
+                    (Out, &r200, true),
+                    (In, &b, true),
+                    (Out, &r404, false),
+                    (In, &c, true),
+                    (Out, &r500, true),
+                ],
                 vec![("/a", 200), ("/c", 500)],
             ),
             (
                 "two lost requests: their responses are not given to the next request",
                 vec![
-                    (In, &a, true), (Out, &r200, true),
-                    (In, &b, false), (Out, &r404, true),
-                    (In, &c, false), (Out, &r500, true),
-                    (In, &d, true), (Out, &r503, true),
+                    (In, &a, true),
+                    (Out, &r200, true),
+                    (In, &b, false),
+                    (Out, &r404, true),
+                    (In, &c, false),
+                    (Out, &r500, true),
+                    (In, &d, true),
+                    (Out, &r503, true),
                 ],
                 vec![("/a", 200), ("/d", 503)],
             ),
             (
                 "nothing lost",
-                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, &r404, true)],
+                vec![
+                    (In, &a, true),
+                    (Out, &r200, true),
+                    (In, &b, true),
+                    (Out, &r404, true),
+                ],
                 vec![("/a", 200), ("/b", 404)],
             ),
         ];
         for (name, events, want) in cases {
             let (got, counters) = run_with_positions(&events);
-            let want: Vec<(String, Option<u16>)> = want.iter().map(|(p, s)| (p.to_string(), Some(*s))).collect();
+            let want: Vec<(String, Option<u16>)> = want
+                .iter()
+                .map(|(p, s)| (p.to_string(), Some(*s)))
+                .collect();
             assert_eq!(got, want, "{name}: {counters:?}");
         }
     }

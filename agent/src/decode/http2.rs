@@ -143,7 +143,7 @@ fn plausible(b: &[u8]) -> Option<Head> {
         SETTINGS => (
             ACK,
             Some(false),
-            h.len % 6 == 0 && (h.flags & ACK == 0 || h.len == 0),
+            h.len.is_multiple_of(6) && (h.flags & ACK == 0 || h.len == 0),
         ),
         PUSH_PROMISE => (END_HEADERS | PADDED, Some(true), h.len >= 4),
         PING => (ACK, Some(false), h.len == 8),
@@ -646,7 +646,10 @@ impl Conn {
             RST_STREAM if p.len() == 4 => {
                 let code = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
                 if let Some(i) = self.streams.iter().position(|s| s.id == h.stream) {
-                    let s = self.streams.swap_remove(i);
+                    let mut s = self.streams.swap_remove(i);
+                    // NO_ERROR after a complete response: the server just
+                    // does not want the rest of the request (RFC 9113 §8.1).
+                    s.req_end |= code == 0 && s.resp_end;
                     emit(ctx, out, s, Outcome::Reset { code });
                 }
             }
@@ -765,7 +768,7 @@ impl Conn {
             return;
         }
         // Only client-initiated (odd) streams carry requests.
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             return;
         }
         if self.streams.len() >= ctx.limits.max_streams {
@@ -987,7 +990,11 @@ impl Conn {
     fn close(self, ctx: &mut Ctx, out: &mut Vec<HttpExchange>) {
         // Clients such as curl close without reading the END_STREAM that
         // follows a body of the announced content-length.
-        let full = |h: &Headers, got: u64| h.get("content-length").and_then(|v| v.trim().parse::<u64>().ok()) == Some(got);
+        let full = |h: &Headers, got: u64| {
+            h.get("content-length")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                == Some(got)
+        };
         for mut s in self.streams {
             s.req_end |= full(&s.ex.request_headers, s.ex.request_body_bytes);
             s.resp_end |= s.resp_final && full(&s.ex.response_headers, s.ex.response_body_bytes);

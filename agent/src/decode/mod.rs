@@ -125,14 +125,22 @@ impl Decoder {
         // Bytes before the first chunk were lost: decode it as joined mid-way.
         let owned;
         let chunk = if !chunk.late_conn && chunk.has_pos && chunk.pos > 0 {
-            owned = Chunk { late_conn: true, ..chunk.clone() };
+            owned = Chunk {
+                late_conn: true,
+                ..chunk.clone()
+            };
             &owned
         } else {
             chunk
         };
         let kind = match classify(chunk) {
             Some(start) => {
-                self.http2.start(chunk, chunk.late_conn && start.is_none(), start.unwrap_or(0), out);
+                self.http2.start(
+                    chunk,
+                    chunk.late_conn && start.is_none(),
+                    start.unwrap_or(0),
+                    out,
+                );
                 Kind::Http2
             }
             None => {
@@ -143,7 +151,10 @@ impl Decoder {
         if self.kinds.len() >= self.max_connections {
             self.sweep();
         }
-        let mut st = ConnState { kind, next: [None; 2] };
+        let mut st = ConnState {
+            kind,
+            next: [None; 2],
+        };
         advance(&mut st.next, chunk);
         self.kinds.insert(chunk.conn, st);
     }
