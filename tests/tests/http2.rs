@@ -402,7 +402,6 @@ fn www(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-#[ignore = "flaky: nginx may RST a POST stream before the client's DATA is seen, so the request body size is 0 (issue 7 note)"]
 fn curl_h2c_to_nginx_spans_both_ends_with_statuses_attributes_and_parents() {
     if !require_root("h2c_curl_nginx") {
         return;
@@ -420,7 +419,6 @@ fn curl_h2c_to_nginx_spans_both_ends_with_statuses_attributes_and_parents() {
 }
 
 #[test]
-#[ignore = "fails: curl closes before reading hypercorn's END_STREAM, so the CLIENT span ends before the SERVER span (issue 7 note)"]
 fn curl_h2c_to_a_python_http2_server_spans_both_ends() {
     if !require_root("h2c_curl_hypercorn") {
         return;
@@ -697,7 +695,6 @@ fn forced_ring_buffer_loss_on_http2_never_pairs_a_stream_with_a_wrong_status() {
 }
 
 #[test]
-#[ignore = "fails: under real ring-buffer loss HTTP/1 still pairs some requests with another one's status (issue 9 defect 3)"]
 fn forced_ring_buffer_loss_on_http1_never_pairs_a_request_with_a_wrong_status() {
     if !require_root("h1_forced_loss") {
         return;

@@ -662,10 +662,6 @@ struct Pending {
     /// How many bytes the other direction had carried when the request was
     /// seen: its response cannot start before that position.
     resp_floor: Option<u64>,
-    /// For a stand-in for requests lost in a gap: how many bytes the other
-    /// direction had carried when the gap showed. A server answers what it
-    /// read before reading on, so responses from there on are not theirs.
-    resp_ceiling: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -738,6 +734,10 @@ struct Conn {
     req: Stream,
     resp: Stream,
     pending: VecDeque<Pending>,
+    /// A request was seen while another one awaited its response.
+    pipelined: bool,
+    /// End of the response-direction bytes seen so far (kernel positions).
+    resp_seen_end: Option<u64>,
     next_id: u64,
     last_ns: u64,
     /// Position in the decoder's LRU index.
@@ -752,6 +752,8 @@ impl Conn {
             req: Stream::default(),
             resp: Stream::default(),
             pending: VecDeque::new(),
+            pipelined: false,
+            resp_seen_end: None,
             next_id: 0,
             last_ns: 0,
             tick,
@@ -771,6 +773,9 @@ impl Conn {
 
     fn on_data(&mut self, ctx: &mut Ctx, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
         self.last_ns = self.last_ns.max(chunk.ts_exit_ns);
+        if chunk.has_pos && side_of(self.role, chunk.direction) == Some(Side::Resp) {
+            self.resp_seen_end = Some(chunk.pos + chunk.len);
+        }
         match self.mode {
             Mode::Ignored => {}
             Mode::Fresh { probes } => self.on_fresh(probes, ctx, chunk, out),
@@ -1014,6 +1019,11 @@ impl Conn {
                 _ => None,
             }
         };
+        // Pipelining is a request seen while an earlier one is unanswered
+        // though every response byte sent by then was seen: a response merely
+        // lost in a gap is not evidence of it.
+        let caught_up = !chunk.has_pos || self.resp_seen_end.unwrap_or(0) >= chunk.peer_pos;
+        self.pipelined |= caught_up && self.pending.iter().any(|p| !p.resp_done && !p.lost);
         let id = self.next_id;
         self.next_id += 1;
         let mut ex = blank_exchange(chunk, self.role);
@@ -1036,7 +1046,6 @@ impl Conn {
             req_done: body.is_none(),
             resp_done: false,
             resp_floor: chunk.has_pos.then_some(chunk.peer_pos),
-            resp_ceiling: None,
         });
         if let Some(b) = body {
             st.cur = Some(id);
@@ -1052,16 +1061,6 @@ impl Conn {
         chunk: &Chunk,
         out: &mut Vec<HttpExchange>,
     ) {
-        // Stand-ins for lost requests whose answers must have come already.
-        while let Some(i) = self.pending.iter().position(|p| !p.resp_done) {
-            let spent = self.pending.get(i).is_some_and(|p| {
-                p.lost && matches!((p.resp_ceiling, st.head_pos), (Some(c), Some(h)) if h >= c)
-            });
-            if !spent {
-                break;
-            }
-            self.pending.remove(i);
-        }
         let target = self.pending.iter().position(|p| !p.resp_done);
         let (is_head, is_connect) = target
             .and_then(|i| self.pending.get(i))
@@ -1075,13 +1074,9 @@ impl Conn {
             // Interim (100 Continue, 103 Early Hints): the final head follows.
             return;
         }
+        let target = self.response_target(st.head_pos, ctx);
+        let is_head = target.and_then(|i| self.pending.get(i)).is_some_and(|p| p.is_head);
         let body = response_body(&head, is_head);
-        // A response that starts before its would-be request's floor was
-        // written before that request was even seen: it answers a request we
-        // lost, and pairing it would give the next request its status.
-        let early =
-            |p: &Pending| matches!((p.resp_floor, st.head_pos), (Some(f), Some(h)) if h < f);
-        let target = target.filter(|&i| !self.pending.get(i).is_some_and(early));
         let Some(p) = target.and_then(|i| self.pending.get_mut(i)) else {
             ctx.c.orphan_responses += 1;
             // Still frame it (as if to a GET) so the next response is found.
@@ -1104,6 +1099,51 @@ impl Conn {
                 p.resp_done = true;
                 self.drain(ctx, out);
             }
+        }
+    }
+
+    /// Which pending request a final response starting at byte `pos` of the
+    /// response direction answers, after loss. Requests whose responses may
+    /// have been lost stay queued as stand-ins (`lost`), so later responses
+    /// keep their FIFO slots, and the kernel's positions decide:
+    /// - a response that starts before a request's floor (what the other
+    ///   direction had carried when the request was seen) was sent before
+    ///   that request existed: it is not that request's, nor any later one's;
+    /// - a stand-in at the head whose next request's floor the response has
+    ///   reached may already have been answered in the lost bytes. Without
+    ///   pipelining on this connection it was (each request waits for its
+    ///   response), so it is retired; with pipelining it cannot be told, so
+    ///   the next request becomes a stand-in too and is not exported.
+    fn response_target(&mut self, pos: Option<u64>, ctx: &mut Ctx) -> Option<usize> {
+        // Bounded: each round removes an entry or returns.
+        loop {
+            let i = self.pending.iter().position(|p| !p.resp_done)?;
+            let Some(pos) = pos else { return Some(i) };
+            let head = self.pending.get(i)?;
+            if !head.lost {
+                return match head.resp_floor {
+                    Some(f) if pos < f => None,
+                    _ => Some(i),
+                };
+            }
+            let next = self.pending.iter().skip(i + 1).position(|p| !p.resp_done).map(|j| i + 1 + j);
+            let reached = next
+                .and_then(|j| self.pending.get(j))
+                .and_then(|n| n.resp_floor)
+                .is_some_and(|f| pos >= f);
+            if !reached {
+                return Some(i);
+            }
+            if self.pipelined {
+                if let Some(n) = next.and_then(|j| self.pending.get_mut(j)) {
+                    if !n.lost {
+                        n.lost = true;
+                        ctx.c.lost_to_gaps += 1;
+                    }
+                }
+                return Some(i);
+            }
+            self.pending.remove(i);
         }
     }
 
@@ -1246,8 +1286,7 @@ impl Conn {
                     req_done: true,
                     resp_done: false,
                     resp_floor: None,
-                    resp_ceiling: None,
-                });
+                        });
             }
             Side::Resp => {
                 if let Some(i) = self.pending.iter().position(|p| !p.resp_done) {
@@ -1324,11 +1363,16 @@ impl Conn {
             // could have started there is dropped, not paired with a later one.
             let end = chunk.pos;
             let cur = st.cur.take();
-            let before = self.pending.len();
-            self.pending.retain(|p| {
-                p.resp_done || (Some(p.id) != cur && p.resp_floor.is_some_and(|f| f >= end))
-            });
-            ctx.c.lost_to_gaps += (before - self.pending.len()) as u64;
+            for p in self.pending.iter_mut().filter(|p| !p.resp_done && !p.lost) {
+                if Some(p.id) == cur || !p.resp_floor.is_some_and(|f| f >= end) {
+                    p.lost = true;
+                    ctx.c.lost_to_gaps += 1;
+                }
+            }
+            // The response being read when the bytes went missing is over.
+            if let Some(p) = cur.and_then(|id| self.find_mut(id)) {
+                p.resp_done = true;
+            }
             st.buf.clear();
             st.state = State::Resync;
             *self.stream_mut(side) = st;
@@ -1336,15 +1380,6 @@ impl Conn {
             return;
         }
         self.on_hole(&mut st, side, ctx, chunk, bytes, out);
-        if side == Side::Req && chunk.has_pos {
-            if let Some(p) = self
-                .pending
-                .back_mut()
-                .filter(|p| p.lost && p.resp_ceiling.is_none())
-            {
-                p.resp_ceiling = Some(chunk.peer_pos);
-            }
-        }
         if self.mode == Mode::Http {
             *self.stream_mut(side) = st;
         }
@@ -2625,6 +2660,7 @@ mod tests {
         let resp = |s: u16| format!("HTTP/1.1 {s} X\r\nContent-Length: 2\r\n\r\nok");
         let (a, b, c, d) = (req("/a"), req("/b"), req("/c"), req("/d"));
         let (r200, r404, r500, r503) = (resp(200), resp(404), resp(500), resp(503));
+        let ab = format!("{a}{b}");
         type Case<'a> = (
             &'a str,
             Vec<(Direction, &'a str, bool)>,
@@ -2666,6 +2702,16 @@ mod tests {
                     (Out, &r404, true),
                 ],
                 vec![("/a", 200), ("/b", 404)],
+            ),
+            (
+                "pipelined, nothing lost",
+                vec![(In, &ab, true), (Out, &r200, true), (Out, &r404, true), (In, &c, true), (Out, &r500, true)],
+                vec![("/a", 200), ("/b", 404), ("/c", 500)],
+            ),
+            (
+                "pipelined, a response lost: what cannot be told apart is dropped",
+                vec![(In, &ab, true), (Out, &r200, true), (Out, &r404, false), (In, &c, true), (Out, &r500, true)],
+                vec![("/a", 200)],
             ),
         ];
         for (name, events, want) in cases {

@@ -568,13 +568,21 @@ impl Conn {
         let ts = moment_ns(chunk);
         let is_req = d == client_dir;
         if let Some(s) = self.stream_mut(h.stream) {
+            // An empty END_STREAM frame carries no byte of the message: the
+            // message ended with its last byte (curl, for one, closes without
+            // reading it once the content-length has arrived).
+            let moved = h.len > 0;
             if is_req {
                 s.ex.request_body_bytes += body;
-                s.ex.request_last_ns = ts;
+                if moved {
+                    s.ex.request_last_ns = ts;
+                }
                 s.req_end |= h.flags & END_STREAM != 0;
             } else {
                 s.ex.response_body_bytes += body;
-                s.ex.response_last_ns = Some(ts);
+                if moved {
+                    s.ex.response_last_ns = Some(ts);
+                }
                 s.resp_end |= h.flags & END_STREAM != 0;
             }
         }
