@@ -220,6 +220,11 @@ fn keepalive_connection_opened_before_the_agent_is_identified() {
     let resp = data(&chunks, "nginx", "egress");
     assert!(stream(&resp).starts_with(b"HTTP/1.1 200 OK\r\n"));
     assert!(stream(&data(&chunks, "python3", "ingress")).ends_with(b"second body"));
+    // Late connections count from the first byte seen, in both directions.
+    for (comm, first, other) in [("python3", "egress", "ingress"), ("nginx", "ingress", "egress")] {
+        assert_contiguous(&data(&chunks, comm, first), &format!("late {comm} {first}"));
+        assert_contiguous(&data(&chunks, comm, other), &format!("late {comm} {other}"));
+    }
     for c in chunks.iter().filter(|c| c.s("comm") == "python3") {
         assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("client", client_local.as_str(), server_local.as_str()), "{c}");
     }
