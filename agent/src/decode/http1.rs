@@ -1492,6 +1492,13 @@ impl Http1Decoder {
         self.conns.contains_key(conn)
     }
 
+    /// Stops tracking a connection another decoder took over (h2c upgrade).
+    pub fn forget(&mut self, conn: &ConnId) {
+        if let Some(c) = self.conns.remove(conn) {
+            self.lru.remove(&c.tick);
+        }
+    }
+
     /// `bytes` of `chunk`'s direction were never captured, just before it:
     /// handled like bytes cut from the end of the previous chunk.
     pub fn gap(&mut self, chunk: &Chunk, bytes: u64, out: &mut Vec<HttpExchange>) {

@@ -1777,6 +1777,7 @@ mod tests {
             )
         );
         assert_eq!(tap.h2().upgrades, 1);
+        assert_eq!(tap.dec.tracked(), 1, "the HTTP/1 decoder let the connection go");
     }
 
     #[test]

@@ -190,6 +190,7 @@ impl Decoder {
         let head = find(data, b"HTTP/1.1 101")
             .and_then(|p| find(&data[p..], b"\r\n\r\n").map(|e| p + e + 4));
         let start = head.unwrap_or(data.len());
+        self.http1.forget(&chunk.conn);
         self.http2.upgrade(chunk, ex, start, out);
         if let Some(st) = self.kinds.get_mut(&chunk.conn) {
             st.kind = Kind::Http2;
