@@ -248,6 +248,10 @@ fn test(args: &[String]) -> Result<()> {
     let agent = build(true)?;
     // Unit tests of every host crate.
     run(Command::new("cargo").current_dir(root()).args(["test", "--workspace", "--exclude", "agent-ebpf", "--exclude", "integration-tests"]).env("AGENT_EBPF_OBJECT", ebpf_object()))?;
+    // Every fuzz target briefly (a filtered run is for one test, so skips it).
+    if args.is_empty() {
+        fuzz::smoke(&root())?;
+    }
     // Privileged integration tests with the real programs and real peers.
     // One at a time: they share the kernel's tracepoints and loopback ports.
     run(Command::new("cargo")
