@@ -1062,9 +1062,7 @@ impl Conn {
         out: &mut Vec<HttpExchange>,
     ) {
         let target = self.pending.iter().position(|p| !p.resp_done);
-        let (is_head, is_connect) = target
-            .and_then(|i| self.pending.get(i))
-            .map_or((false, false), |p| (p.is_head, p.is_connect));
+        let is_connect = target.and_then(|i| self.pending.get(i)).is_some_and(|p| p.is_connect);
         let status = head.status;
         if status == 101 || (is_connect && (200..300).contains(&status)) {
             self.switch_protocols(st, target, head, ctx, chunk, out);
@@ -1364,7 +1362,7 @@ impl Conn {
             let end = chunk.pos;
             let cur = st.cur.take();
             for p in self.pending.iter_mut().filter(|p| !p.resp_done && !p.lost) {
-                if Some(p.id) == cur || !p.resp_floor.is_some_and(|f| f >= end) {
+                if Some(p.id) == cur || p.resp_floor.is_none_or(|f| f < end) {
                     p.lost = true;
                     ctx.c.lost_to_gaps += 1;
                 }
