@@ -559,31 +559,40 @@ impl Conn {
         chunk: &Chunk,
         out: &mut Vec<HttpExchange>,
     ) {
-        if h.ty != DATA {
-            return;
+        if h.ty == DATA {
+            self.data_end(ctx, d, h, body, Some(moment_ns(chunk)), out);
         }
+    }
+
+    /// The end of a DATA frame of direction `d` with `body` payload bytes;
+    /// `ts` is when it came (None when its end fell into missing bytes: the
+    /// last moment seen then stands for it).
+    fn data_end(
+        &mut self,
+        ctx: &mut Ctx,
+        d: usize,
+        h: Head,
+        body: u64,
+        ts: Option<u64>,
+        out: &mut Vec<HttpExchange>,
+    ) {
         let Some(client_dir) = self.client_dir else {
             return;
         };
-        let ts = moment_ns(chunk);
-        let is_req = d == client_dir;
+        // An empty END_STREAM frame carries no byte of the message: the
+        // message ended with its last byte (curl, for one, closes without
+        // reading it once the content-length has arrived).
+        let ts = ts.filter(|_| h.len > 0);
+        let end = h.flags & END_STREAM != 0;
         if let Some(s) = self.stream_mut(h.stream) {
-            // An empty END_STREAM frame carries no byte of the message: the
-            // message ended with its last byte (curl, for one, closes without
-            // reading it once the content-length has arrived).
-            let moved = h.len > 0;
-            if is_req {
+            if d == client_dir {
                 s.ex.request_body_bytes += body;
-                if moved {
-                    s.ex.request_last_ns = ts;
-                }
-                s.req_end |= h.flags & END_STREAM != 0;
+                s.ex.request_last_ns = ts.unwrap_or(s.ex.request_last_ns);
+                s.req_end |= end;
             } else {
                 s.ex.response_body_bytes += body;
-                if moved {
-                    s.ex.response_last_ns = Some(ts);
-                }
-                s.resp_end |= h.flags & END_STREAM != 0;
+                s.ex.response_last_ns = ts.or(s.ex.response_last_ns);
+                s.resp_end |= end;
             }
         }
         self.finish_if_done(ctx, h.stream, out);
@@ -937,30 +946,7 @@ impl Conn {
                     }
                     self.dirs[d].st = St::Header;
                     if h.ty == DATA {
-                        // The frame's end is known, but not when it came: the
-                        // last moment seen stands for it.
-                        if let (Some(c), true) = (self.client_dir, h.flags & END_STREAM != 0) {
-                            let is_req = d == c;
-                            if let Some(s) = self.stream_mut(h.stream) {
-                                if is_req {
-                                    s.ex.request_body_bytes += body;
-                                    s.req_end = true;
-                                } else {
-                                    s.ex.response_body_bytes += body;
-                                    s.resp_end = true;
-                                }
-                            }
-                        } else if let Some(c) = self.client_dir {
-                            let is_req = d == c;
-                            if let Some(s) = self.stream_mut(h.stream) {
-                                if is_req {
-                                    s.ex.request_body_bytes += body;
-                                } else {
-                                    s.ex.response_body_bytes += body;
-                                }
-                            }
-                        }
-                        self.finish_if_done(ctx, h.stream, out);
+                        self.data_end(ctx, d, h, body, None, out);
                     }
                     if hole == 0 {
                         return;
@@ -1777,7 +1763,11 @@ mod tests {
             )
         );
         assert_eq!(tap.h2().upgrades, 1);
-        assert_eq!(tap.dec.tracked(), 1, "the HTTP/1 decoder let the connection go");
+        assert_eq!(
+            tap.dec.tracked(),
+            1,
+            "the HTTP/1 decoder let the connection go"
+        );
     }
 
     #[test]
