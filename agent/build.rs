@@ -34,12 +34,17 @@ fn embed_ebpf_object() {
     println!("cargo:rerun-if-env-changed=AGENT_EBPF_OBJECT");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let default = manifest.join("../target/bpf/bpfel-unknown-none/release/agent-ebpf");
-    let path = std::env::var_os("AGENT_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let path = std::env::var_os("AGENT_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", path.display());
     if path.is_file() {
         println!("cargo:rustc-env=AGENT_EBPF_OBJECT={}", path.display());
         println!("cargo:rustc-cfg=embedded_ebpf");
     } else {
-        println!("cargo:warning=no eBPF object at {}; run `cargo xtask build`", path.display());
+        println!(
+            "cargo:warning=no eBPF object at {}; run `cargo xtask build`",
+            path.display()
+        );
     }
 }

@@ -1,19 +1,19 @@
 use core::{ffi::c_void, ptr::addr_of};
 
 use agent_common::{
-    Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, Scratch, SyscallArgs,
-    AF_INET, AF_INET6, CNT_CONN_FULL, CNT_NO_ENTRY, MAX_CPUS, CNT_EVENTS, CNT_READ_FAULT, CNT_RINGBUF_FULL,
+    Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, Scratch, SyscallArgs, AF_INET,
+    AF_INET6, CNT_CONN_FULL, CNT_EVENTS, CNT_NO_ENTRY, CNT_READ_FAULT, CNT_RINGBUF_FULL,
     CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
-    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
-    MAX_CAPTURE, MAX_IOVECS, NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE,
-    SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO,
-    SYS_WRITE, SYS_WRITEV,
+    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS, FLAG_LATE_CONN,
+    FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS, NUM_COUNTERS,
+    ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV, SYS_RECVFROM,
+    SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, generated,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated,
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -309,7 +309,8 @@ fn tuple_of_sock(sk: u64) -> ConnTuple {
     let mut t = ConnTuple::default();
     t.family = read_kernel::<u16>(sk + cfg!(offsets.skc_family) as u64).unwrap_or(0);
     t.local_port = read_kernel::<u16>(sk + cfg!(offsets.skc_num) as u64).unwrap_or(0);
-    t.remote_port = u16::from_be(read_kernel::<u16>(sk + cfg!(offsets.skc_dport) as u64).unwrap_or(0));
+    t.remote_port =
+        u16::from_be(read_kernel::<u16>(sk + cfg!(offsets.skc_dport) as u64).unwrap_or(0));
     if t.family == AF_INET {
         let l = read_kernel::<[u8; 4]>(sk + cfg!(offsets.skc_rcv_saddr) as u64).unwrap_or([0; 4]);
         let r = read_kernel::<[u8; 4]>(sk + cfg!(offsets.skc_daddr) as u64).unwrap_or([0; 4]);
@@ -350,7 +351,9 @@ fn stream_seqs(sk: u64, fin_sent: bool) -> Option<(u32, u32)> {
     let write = read_kernel::<u32>(sk + cfg!(offsets.tcp_write_seq) as u64)?;
     let mut copied = read_kernel::<u32>(sk + cfg!(offsets.tcp_copied_seq) as u64)?;
     let sk_flags = read_kernel::<u64>(sk + cfg!(offsets.skc_flags) as u64)?;
-    if sk_flags & SOCK_DONE != 0 && read_kernel::<u32>(sk + cfg!(offsets.tcp_rcv_nxt) as u64)? == copied {
+    if sk_flags & SOCK_DONE != 0
+        && read_kernel::<u32>(sk + cfg!(offsets.tcp_rcv_nxt) as u64)? == copied
+    {
         copied = copied.wrapping_sub(1);
     }
     Some((write.wrapping_sub(fin_sent as u32), copied))
@@ -410,7 +413,9 @@ fn save_entry(fd: i32, buf: u64, count_arg: u64, syscall: u8, direction: u8) {
     if fd < 0 || !selected((id >> 32) as u32) {
         return;
     }
-    let Some(s) = slot(unsafe { bpf_get_smp_processor_id() }, direction) else { return };
+    let Some(s) = slot(unsafe { bpf_get_smp_processor_id() }, direction) else {
+        return;
+    };
     unsafe {
         if (*s).pid_tgid != 0 {
             // A call that entered here has not returned here: it sleeps, or
@@ -482,7 +487,11 @@ fn take_entry(id: u64, syscall: u8, direction: u8) -> Option<SyscallArgs> {
         }
     }
     count(CNT_NO_ENTRY);
-    let tombstone = SyscallArgs { pid_tgid: id, ts_enter_ns: unsafe { bpf_ktime_get_ns() }, ..SyscallArgs::default() };
+    let tombstone = SyscallArgs {
+        pid_tgid: id,
+        ts_enter_ns: unsafe { bpf_ktime_get_ns() },
+        ..SyscallArgs::default()
+    };
     let _ = SPILL.insert(&id, &tombstone, 0);
     None
 }
@@ -492,8 +501,14 @@ fn take_entry(id: u64, syscall: u8, direction: u8) -> Option<SyscallArgs> {
 fn copy_user(dst: *mut u8, len: u64, src: u64) -> bool {
     // Verifier: `len` is bounded by the compare, the destination has room for
     // MAX_CAPTURE bytes past any offset below MAX_CAPTURE.
-    let len = if len > MAX_CAPTURE as u64 { MAX_CAPTURE as u64 } else { len };
-    unsafe { generated::bpf_probe_read_user(dst as *mut c_void, len as u32, src as *const c_void) == 0 }
+    let len = if len > MAX_CAPTURE as u64 {
+        MAX_CAPTURE as u64
+    } else {
+        len
+    };
+    unsafe {
+        generated::bpf_probe_read_user(dst as *mut c_void, len as u32, src as *const c_void) == 0
+    }
 }
 
 /// Walks up to MAX_IOVECS iovecs, copying `total` bytes; returns the bytes copied.
@@ -505,7 +520,9 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
             break;
         }
         // struct iovec { void *iov_base; size_t iov_len; }
-        let Ok(v) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]) }) else {
+        let Ok(v) =
+            (unsafe { aya_ebpf::helpers::bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]) })
+        else {
             count(CNT_READ_FAULT);
             break;
         };
@@ -535,7 +552,12 @@ fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
 /// `VECTORED` is a compile-time switch so that only the four vectored exits
 /// carry the iovec loop: the verifier walks every iteration of it, which costs
 /// about half a second of load time per program.
-fn emit_data<const VECTORED: bool>(args: &SyscallArgs, sk: u64, ret: u64, pid_tgid: u64) -> Option<()> {
+fn emit_data<const VECTORED: bool>(
+    args: &SyscallArgs,
+    sk: u64,
+    ret: u64,
+    pid_tgid: u64,
+) -> Option<()> {
     let conn = conn_of(sk, args.direction, ret)?;
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let mut cap = cfg!(capture_cap) as u64;
@@ -602,18 +624,35 @@ fn fill_from_conn(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, pid_tg
 /// a send or a read is serialised by the socket lock, but our read after it
 /// is not.
 #[inline(always)]
-fn fill_pos(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, direction: u8, flags: u8) -> u8 {
+fn fill_pos(
+    header: &mut EventHeader,
+    conn: *mut ConnInfo,
+    sk: u64,
+    direction: u8,
+    flags: u8,
+) -> u8 {
     let flags = flags & !(FLAG_HAS_POS | FLAG_FIN_SENT);
     let (egress_base, ingress_base, conn_flags) =
         unsafe { ((*conn).egress_base, (*conn).ingress_base, (*conn).flags) };
-    let seqs = if conn_flags & FLAG_HAS_POS != 0 { stream_seqs(sk, conn_flags & FLAG_FIN_SENT != 0) } else { None };
+    let seqs = if conn_flags & FLAG_HAS_POS != 0 {
+        stream_seqs(sk, conn_flags & FLAG_FIN_SENT != 0)
+    } else {
+        None
+    };
     let Some((write, copied)) = seqs else {
         header.pos_end = 0;
         header.peer_pos = 0;
         return flags;
     };
-    let (egress, ingress) = (write.wrapping_sub(egress_base), copied.wrapping_sub(ingress_base));
-    (header.pos_end, header.peer_pos) = if direction == DIR_INGRESS { (ingress, egress) } else { (egress, ingress) };
+    let (egress, ingress) = (
+        write.wrapping_sub(egress_base),
+        copied.wrapping_sub(ingress_base),
+    );
+    (header.pos_end, header.peer_pos) = if direction == DIR_INGRESS {
+        (ingress, egress)
+    } else {
+        (egress, ingress)
+    };
     flags | FLAG_HAS_POS
 }
 
@@ -638,12 +677,16 @@ fn handle_exit<const VECTORED: bool>(ctx: &TracePointContext, syscall: u8, direc
     if !selected(tgid) {
         return;
     }
-    let Some(args) = take_entry(id, syscall, direction) else { return };
+    let Some(args) = take_entry(id, syscall, direction) else {
+        return;
+    };
     let ret = record_u64(ctx, RET) as i64;
     if ret <= 0 {
         return;
     }
-    let Some(sk) = tcp_sock_of_fd(tgid, args.fd) else { return };
+    let Some(sk) = tcp_sock_of_fd(tgid, args.fd) else {
+        return;
+    };
     if !port_selected(sk) {
         return;
     }
@@ -656,7 +699,13 @@ fn handle_exit<const VECTORED: bool>(ctx: &TracePointContext, syscall: u8, direc
 // servers and clients (curl, nginx for small heads) use these.
 #[tracepoint]
 pub fn enter_read(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_READ, DIR_INGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        SYS_READ,
+        DIR_INGRESS,
+    );
     0
 }
 #[tracepoint]
@@ -666,7 +715,13 @@ pub fn exit_read(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn enter_write(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_WRITE, DIR_EGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        SYS_WRITE,
+        DIR_EGRESS,
+    );
     0
 }
 #[tracepoint]
@@ -678,7 +733,13 @@ pub fn exit_write(ctx: TracePointContext) -> u32 {
 // readv/writev(fd, iov, iovcnt): nginx writes response heads with writev.
 #[tracepoint]
 pub fn enter_readv(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_READV, DIR_INGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        SYS_READV,
+        DIR_INGRESS,
+    );
     0
 }
 #[tracepoint]
@@ -688,7 +749,13 @@ pub fn exit_readv(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn enter_writev(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_WRITEV, DIR_EGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        SYS_WRITEV,
+        DIR_EGRESS,
+    );
     0
 }
 #[tracepoint]
@@ -702,7 +769,13 @@ pub fn exit_writev(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn enter_recvfrom(ctx: TracePointContext) -> u32 {
     if arg(&ctx, 3) & MSG_PEEK == 0 {
-        save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_RECVFROM, DIR_INGRESS);
+        save_entry(
+            arg(&ctx, 0) as i32,
+            arg(&ctx, 1),
+            arg(&ctx, 2),
+            SYS_RECVFROM,
+            DIR_INGRESS,
+        );
     }
     0
 }
@@ -713,7 +786,13 @@ pub fn exit_recvfrom(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn enter_sendto(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2), SYS_SENDTO, DIR_EGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        arg(&ctx, 2),
+        SYS_SENDTO,
+        DIR_EGRESS,
+    );
     0
 }
 #[tracepoint]
@@ -765,7 +844,13 @@ pub fn exit_sendmsg(ctx: TracePointContext) -> u32 {
 // stream's accounting exact so decoders can skip the body by framing.
 #[tracepoint]
 pub fn enter_sendfile(ctx: TracePointContext) -> u32 {
-    save_entry(arg(&ctx, 0) as i32, 0, arg(&ctx, 3), SYS_SENDFILE, DIR_EGRESS);
+    save_entry(
+        arg(&ctx, 0) as i32,
+        0,
+        arg(&ctx, 3),
+        SYS_SENDFILE,
+        DIR_EGRESS,
+    );
     0
 }
 #[tracepoint]

@@ -27,12 +27,23 @@ pub struct TreePrinter {
 
 impl TreePrinter {
     pub fn new(quiet: Duration) -> Self {
-        Self { quiet, traces: HashMap::new() }
+        Self {
+            quiet,
+            traces: HashMap::new(),
+        }
     }
 
-    pub fn push(&mut self, span: SpanRecord, res: Arc<ProcessResource>, out: &mut impl Write) -> std::io::Result<()> {
+    pub fn push(
+        &mut self,
+        span: SpanRecord,
+        res: Arc<ProcessResource>,
+        out: &mut impl Write,
+    ) -> std::io::Result<()> {
         let now = Instant::now();
-        let p = self.traces.entry(span.trace_id).or_insert_with(|| Pending { spans: Vec::new(), last: now });
+        let p = self.traces.entry(span.trace_id).or_insert_with(|| Pending {
+            spans: Vec::new(),
+            last: now,
+        });
         p.spans.push((span, res));
         p.last = now;
         if self.traces.len() > MAX_TRACES {
@@ -48,7 +59,16 @@ impl TreePrinter {
         self.traces.retain(|id, p| {
             let ready = now.is_none_or(|n| n.duration_since(p.last) >= quiet);
             if ready {
-                done.push((*id, std::mem::replace(p, Pending { spans: Vec::new(), last: p.last })));
+                done.push((
+                    *id,
+                    std::mem::replace(
+                        p,
+                        Pending {
+                            spans: Vec::new(),
+                            last: p.last,
+                        },
+                    ),
+                ));
             }
             !ready
         });
@@ -70,12 +90,29 @@ fn duration(ns: u64) -> String {
 
 /// One trace as an indented tree; children under their parent by start time.
 pub fn render_trace(id: TraceId, spans: &[(SpanRecord, Arc<ProcessResource>)]) -> String {
-    let mut s = format!("trace {} ({} span{})\n", id.to_hex(), spans.len(), if spans.len() == 1 { "" } else { "s" });
+    let mut s = format!(
+        "trace {} ({} span{})\n",
+        id.to_hex(),
+        spans.len(),
+        if spans.len() == 1 { "" } else { "s" }
+    );
     let ids: std::collections::HashSet<_> = spans.iter().map(|(sp, _)| sp.span_id).collect();
     let mut order: Vec<usize> = (0..spans.len()).collect();
     order.sort_by_key(|&i| spans[i].0.start_ns);
-    let roots: Vec<usize> = order.iter().copied().filter(|&i| spans[i].0.parent_span_id.is_none_or(|p| !ids.contains(&p))).collect();
-    fn walk(s: &mut String, spans: &[(SpanRecord, Arc<ProcessResource>)], order: &[usize], i: usize, prefix: &str, last: bool, depth: usize) {
+    let roots: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| spans[i].0.parent_span_id.is_none_or(|p| !ids.contains(&p)))
+        .collect();
+    fn walk(
+        s: &mut String,
+        spans: &[(SpanRecord, Arc<ProcessResource>)],
+        order: &[usize],
+        i: usize,
+        prefix: &str,
+        last: bool,
+        depth: usize,
+    ) {
         let (sp, res) = &spans[i];
         let branch = if last { "└─ " } else { "├─ " };
         let kind = match sp.kind {
@@ -95,10 +132,22 @@ pub fn render_trace(id: TraceId, spans: &[(SpanRecord, Arc<ProcessResource>)]) -
         if depth > 64 {
             return;
         }
-        let children: Vec<usize> = order.iter().copied().filter(|&j| j != i && spans[j].0.parent_span_id == Some(sp.span_id)).collect();
+        let children: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&j| j != i && spans[j].0.parent_span_id == Some(sp.span_id))
+            .collect();
         let child_prefix = format!("{prefix}{}", if last { "   " } else { "│  " });
         for (k, &c) in children.iter().enumerate() {
-            walk(s, spans, order, c, &child_prefix, k + 1 == children.len(), depth + 1);
+            walk(
+                s,
+                spans,
+                order,
+                c,
+                &child_prefix,
+                k + 1 == children.len(),
+                depth + 1,
+            );
         }
     }
     for (k, &r) in roots.iter().enumerate() {
@@ -112,7 +161,15 @@ mod tests {
     use super::*;
     use crate::correlate::{SpanId, TraceId};
 
-    fn span(id: u8, parent: Option<u8>, kind: SpanKind, name: &str, start: u64, end: u64, status: Status) -> SpanRecord {
+    fn span(
+        id: u8,
+        parent: Option<u8>,
+        kind: SpanKind,
+        name: &str,
+        start: u64,
+        end: u64,
+        status: Status,
+    ) -> SpanRecord {
         SpanRecord {
             trace_id: TraceId([7; 16]),
             span_id: SpanId([id; 8]),
@@ -133,15 +190,52 @@ mod tests {
     }
 
     fn res(name: &str) -> Arc<ProcessResource> {
-        Arc::new(ProcessResource { service_name: name.into(), attributes: vec![], pid: 1 })
+        Arc::new(ProcessResource {
+            service_name: name.into(),
+            attributes: vec![],
+            pid: 1,
+        })
     }
 
     #[test]
     fn renders_a_tree_with_children_under_parents() {
         let spans = vec![
-            (span(2, Some(1), SpanKind::Server, "GET /a", 1_100_000, 2_000_000, Status::Unset), res("python3")),
-            (span(1, Some(9), SpanKind::Client, "GET /a", 1_000_000, 3_500_000, Status::Unset), res("curl")),
-            (span(3, Some(2), SpanKind::Client, "POST /db", 1_200_000, 1_300_000, Status::Error("HTTP 503".into())), res("python3")),
+            (
+                span(
+                    2,
+                    Some(1),
+                    SpanKind::Server,
+                    "GET /a",
+                    1_100_000,
+                    2_000_000,
+                    Status::Unset,
+                ),
+                res("python3"),
+            ),
+            (
+                span(
+                    1,
+                    Some(9),
+                    SpanKind::Client,
+                    "GET /a",
+                    1_000_000,
+                    3_500_000,
+                    Status::Unset,
+                ),
+                res("curl"),
+            ),
+            (
+                span(
+                    3,
+                    Some(2),
+                    SpanKind::Client,
+                    "POST /db",
+                    1_200_000,
+                    1_300_000,
+                    Status::Error("HTTP 503".into()),
+                ),
+                res("python3"),
+            ),
         ];
         let text = render_trace(TraceId([7; 16]), &spans);
         let want = "trace 07070707070707070707070707070707 (3 spans)
@@ -156,10 +250,17 @@ mod tests {
     fn prints_only_quiet_traces_until_forced() {
         let mut p = TreePrinter::new(Duration::from_secs(3600));
         let mut out = Vec::new();
-        p.push(span(1, None, SpanKind::Server, "GET /", 0, 1000, Status::Unset), res("s"), &mut out).unwrap();
+        p.push(
+            span(1, None, SpanKind::Server, "GET /", 0, 1000, Status::Unset),
+            res("s"),
+            &mut out,
+        )
+        .unwrap();
         p.flush(Some(Instant::now()), &mut out).unwrap();
         assert!(out.is_empty());
         p.flush(None, &mut out).unwrap();
-        assert!(String::from_utf8(out).unwrap().contains("s SERVER GET / 1.0 µs [ok]"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("s SERVER GET / 1.0 µs [ok]"));
     }
 }

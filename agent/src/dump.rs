@@ -236,7 +236,10 @@ mod tests {
         assert_eq!(v["payload"], "hi\\n");
         assert_eq!(v["syscall"], "read");
         assert_eq!(v["seq"], 3);
-        assert_eq!((v["pos"].as_u64(), v["peer_pos"].as_u64()), (Some(100), Some(50)));
+        assert_eq!(
+            (v["pos"].as_u64(), v["peer_pos"].as_u64()),
+            (Some(100), Some(50))
+        );
         let mut c = c;
         c.has_pos = false;
         let v: serde_json::Value = serde_json::from_str(&to_json(&c, 0)).unwrap();

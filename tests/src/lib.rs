@@ -61,14 +61,20 @@ impl Drop for Proc {
 
 /// An unused loopback port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Waits until something accepts on `port`.
 pub fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {port} after 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {port} after 20 s"
+        );
         thread::sleep(Duration::from_millis(50));
     }
 }
@@ -76,7 +82,14 @@ pub fn wait_port(port: u16) {
 /// `python3 -m http.server` serving `dir` on loopback.
 pub fn python_http_server(dir: &Path, port: u16) -> Proc {
     let child = Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -97,7 +110,13 @@ pub fn nginx_with_access_log(dir: &Path, root: &Path, port: u16, access_log: &Pa
     start_nginx(dir, root, port, 1, Some(access_log))
 }
 
-fn start_nginx(dir: &Path, root: &Path, port: u16, workers: u32, access_log: Option<&Path>) -> Proc {
+fn start_nginx(
+    dir: &Path,
+    root: &Path,
+    port: u16,
+    workers: u32,
+    access_log: Option<&Path>,
+) -> Proc {
     let log = access_log.map_or("off".to_string(), |p| p.display().to_string());
     let conf = format!(
         "daemon off; worker_processes {workers}; pid {d}/nginx.pid; error_log {d}/error.log warn;
@@ -160,8 +179,18 @@ impl Agent {
             .stdout(fs::File::create(&out).expect("stdout file"))
             .stderr(fs::File::create(&err).expect("stderr file"))
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e} (build it with `cargo xtask build --release`)", agent_bin().display()));
-        let mut agent = Self { proc: Proc(child), out, err, _dir: dir };
+            .unwrap_or_else(|e| {
+                panic!(
+                    "spawn {}: {e} (build it with `cargo xtask build --release`)",
+                    agent_bin().display()
+                )
+            });
+        let mut agent = Self {
+            proc: Proc(child),
+            out,
+            err,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = agent.stderr();
@@ -171,7 +200,10 @@ impl Agent {
             if let Ok(Some(status)) = agent.proc.0.try_wait() {
                 panic!("agent exited with {status} before attaching:\n{log}");
             }
-            assert!(Instant::now() < deadline, "agent did not attach in 60 s:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "agent did not attach in 60 s:\n{log}"
+            );
             thread::sleep(Duration::from_millis(50));
         }
         agent
@@ -204,13 +236,18 @@ impl Agent {
             if let Some(s) = self.proc.0.try_wait().expect("wait agent") {
                 break s;
             }
-            assert!(Instant::now() < deadline, "agent did not exit 30 s after SIGINT");
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit 30 s after SIGINT"
+            );
             thread::sleep(Duration::from_millis(20));
         };
         let log = self.stderr();
         assert!(status.success(), "agent exited with {status}:\n{log}");
         let mut text = String::new();
-        fs::File::open(&self.out).and_then(|mut f| f.read_to_string(&mut text)).expect("read agent stdout");
+        fs::File::open(&self.out)
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .expect("read agent stdout");
         (text, log)
     }
 }
@@ -222,7 +259,11 @@ pub fn counter(log: &str, name: &str) -> u64 {
 
 /// Value of `name=N` in the last log line containing `marker`.
 pub fn counter_in(log: &str, marker: &str, name: &str) -> u64 {
-    let line = log.lines().rev().find(|l| l.contains(marker)).unwrap_or_else(|| panic!("no {marker:?} line in:\n{log}"));
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker:?} line in:\n{log}"));
     field(line, name).unwrap_or_else(|| panic!("no counter {name} in {line}"))
 }
 
@@ -235,7 +276,12 @@ pub fn field(line: &str, name: &str) -> Option<u64> {
         if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
             return None;
         }
-        line[at + key.len()..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+        line[at + key.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
     })
 }
 
@@ -275,10 +321,14 @@ pub trait ChunkExt {
 
 impl ChunkExt for Value {
     fn s(&self, k: &str) -> &str {
-        self[k].as_str().unwrap_or_else(|| panic!("no string {k} in {self}"))
+        self[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no string {k} in {self}"))
     }
     fn n(&self, k: &str) -> u64 {
-        self[k].as_u64().unwrap_or_else(|| panic!("no number {k} in {self}"))
+        self[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no number {k} in {self}"))
     }
     fn payload(&self) -> Vec<u8> {
         unescape(self.s("payload"))
@@ -287,8 +337,15 @@ impl ChunkExt for Value {
 
 /// Runs a command to completion, returning stdout; panics with stderr on failure.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -314,12 +371,16 @@ pub fn python_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
 /// Reads one line from a child's stdout.
 pub fn read_line(child: &mut Child) -> String {
     let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().expect("piped stdout")).read_line(&mut line).expect("read child line");
+    BufReader::new(child.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("read child line");
     line.trim().to_string()
 }
 
 /// Writes one line to a child's stdin.
 pub fn write_line(child: &mut Child, s: &str) {
     let stdin = child.stdin.as_mut().expect("piped stdin");
-    writeln!(stdin, "{s}").and_then(|()| stdin.flush()).expect("write child line");
+    writeln!(stdin, "{s}")
+        .and_then(|()| stdin.flush())
+        .expect("write child line");
 }

@@ -139,7 +139,11 @@ impl Receiver {
                 }
             }
         }
-        panic!("otlp_receiver: could not start {} ({}): {last_err}", BIN_NAME, bin.display());
+        panic!(
+            "otlp_receiver: could not start {} ({}): {last_err}",
+            BIN_NAME,
+            bin.display()
+        );
     }
 
     fn try_start(bin: &Path) -> Result<Receiver, String> {
@@ -188,34 +192,53 @@ impl Receiver {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
                 Ok(())
             });
         }
         let child = cmd
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
-        let mut r = Receiver { child, dir, otlp_port, api_port };
+        let mut r = Receiver {
+            child,
+            dir,
+            otlp_port,
+            api_port,
+        };
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Ok(Some(status)) = r.child.try_wait() {
-                return Err(format!("{BIN_NAME} exited during startup ({status}):\n{}", r.logs()));
+                return Err(format!(
+                    "{BIN_NAME} exited during startup ({status}):\n{}",
+                    r.logs()
+                ));
             }
             let otlp_ok = matches!(http_get(otlp_port, "/health"), Ok((200, _)));
             // /api/health reports the OTLP ports of the instance behind it: make sure it
             // is ours (another process could have grabbed a port we picked).
             let api_ok = otlp_ok
                 && match http_get(api_port, "/api/health") {
-                    Ok((200, body)) => serde_json::from_slice::<Value>(&body)
-                        .ok()
-                        .and_then(|v| v.get("otlp_http_port").and_then(Value::as_u64))
-                        == Some(u64::from(otlp_port)),
+                    Ok((200, body)) => {
+                        serde_json::from_slice::<Value>(&body)
+                            .ok()
+                            .and_then(|v| v.get("otlp_http_port").and_then(Value::as_u64))
+                            == Some(u64::from(otlp_port))
+                    }
                     _ => false,
                 };
             if otlp_ok && api_ok {
                 if let Ok(Some(status)) = r.child.try_wait() {
-                    return Err(format!("{BIN_NAME} exited during startup ({status}):\n{}", r.logs()));
+                    return Err(format!(
+                        "{BIN_NAME} exited during startup ({status}):\n{}",
+                        r.logs()
+                    ));
                 }
                 return Ok(r);
             }
@@ -280,7 +303,11 @@ impl Receiver {
     /// The receiver's stdout+stderr so far (for assertion messages).
     pub fn logs(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();
-        format!("--- stdout ---\n{}--- stderr ---\n{}", read("stdout.log"), read("stderr.log"))
+        format!(
+            "--- stdout ---\n{}--- stderr ---\n{}",
+            read("stdout.log"),
+            read("stderr.log")
+        )
     }
 
     fn assert_alive(&self, read_err: &str) {
@@ -288,19 +315,31 @@ impl Receiver {
         let pid = self.child.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let dead = stat.is_empty()
-            || stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|s| s.trim_start().starts_with('Z'));
         if dead {
-            panic!("otlp_receiver: {BIN_NAME} died ({read_err}):\n{}", self.logs());
+            panic!(
+                "otlp_receiver: {BIN_NAME} died ({read_err}):\n{}",
+                self.logs()
+            );
         }
     }
 
     fn read_spans(&self) -> Result<Vec<ReceivedSpan>, String> {
         let (status, body) = http_get(self.api_port, "/api/traces/export?format=json")?;
         if status != 200 {
-            return Err(format!("GET /api/traces/export: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+            return Err(format!(
+                "GET /api/traces/export: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
         }
-        let v: Value = serde_json::from_slice(&body).map_err(|e| format!("bad JSON from {BIN_NAME}: {e}"))?;
-        let arr = v.as_array().ok_or_else(|| format!("expected a JSON array, got {v}"))?;
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("bad JSON from {BIN_NAME}: {e}"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| format!("expected a JSON array, got {v}"))?;
         let mut spans = arr.iter().map(parse_span).collect::<Result<Vec<_>, _>>()?;
         spans.sort_by(|a, b| {
             (a.start_ns, &a.trace_id, &a.span_id).cmp(&(b.start_ns, &b.trace_id, &b.span_id))
@@ -324,7 +363,10 @@ fn receiver_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("OTLP_RECEIVER_BIN") {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            panic!("otlp_receiver: OTLP_RECEIVER_BIN={} does not exist; {INSTALL_HINT}", p.display());
+            panic!(
+                "otlp_receiver: OTLP_RECEIVER_BIN={} does not exist; {INSTALL_HINT}",
+                p.display()
+            );
         }
         return p;
     }
@@ -372,7 +414,8 @@ fn http_get(port: u16, path: &str) -> Result<(u16, Vec<u8>), String> {
     )
     .map_err(|e| format!("send GET {path}: {e}"))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read GET {path}: {e}"))?;
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read GET {path}: {e}"))?;
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -388,14 +431,21 @@ fn http_get(port: u16, path: &str) -> Result<(u16, Vec<u8>), String> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Ok((status, body))
 }
 
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk header")?;
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("bad chunk header")?;
         let size_txt = String::from_utf8_lossy(&b[..eol]);
         let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| format!("bad chunk size {size_txt:?}"))?;
@@ -412,7 +462,10 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn str_field(v: &Value, key: &str) -> String {
-    v.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn string_map(v: Option<&Value>) -> BTreeMap<String, Value> {
@@ -433,7 +486,10 @@ fn parse_span(v: &Value) -> Result<ReceivedSpan, String> {
         attributes.remove(k);
     }
     let resource = string_map(v.get("resource").and_then(|r| r.get("attributes")));
-    let service_name = resource.get("service.name").map(value_as_string).unwrap_or_default();
+    let service_name = resource
+        .get("service.name")
+        .map(value_as_string)
+        .unwrap_or_default();
     let events = v
         .get("events")
         .and_then(Value::as_array)

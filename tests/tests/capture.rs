@@ -4,13 +4,16 @@
 use std::{collections::HashSet, fs, process::Command};
 
 use integration_tests::{
-    counter, free_port, nginx, python, python_http_server, read_line, require_root, run_ok, write_line, Agent,
-    ChunkExt,
+    counter, free_port, nginx, python, python_http_server, read_line, require_root, run_ok,
+    write_line, Agent, ChunkExt,
 };
 use serde_json::Value;
 
 fn data<'a>(chunks: &'a [Value], comm: &str, direction: &str) -> Vec<&'a Value> {
-    chunks.iter().filter(|c| c.s("kind") == "data" && c.s("comm") == comm && c.s("direction") == direction).collect()
+    chunks
+        .iter()
+        .filter(|c| c.s("kind") == "data" && c.s("comm") == comm && c.s("direction") == direction)
+        .collect()
 }
 
 fn total_len(chunks: &[&Value]) -> u64 {
@@ -28,7 +31,11 @@ fn curl_request_seen_on_both_ends_with_mirrored_addresses_and_exact_lengths() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    fs::write(dir.path().join("hello.txt"), "hello from the traced server\n".repeat(30)).unwrap();
+    fs::write(
+        dir.path().join("hello.txt"),
+        "hello from the traced server\n".repeat(30),
+    )
+    .unwrap();
     let port = free_port();
     let _server = python_http_server(dir.path(), port);
     let agent = Agent::start(&["--port", &port.to_string()]);
@@ -42,35 +49,71 @@ fn curl_request_seen_on_both_ends_with_mirrored_addresses_and_exact_lengths() {
         &format!("http://127.0.0.1:{port}/hello.txt?x=1"),
     ]));
     let (chunks, log) = agent.stop();
-    let v: Vec<u64> = sizes.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let v: Vec<u64> = sizes
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
     let (sent, received, client_port) = (v[0], v[1] + v[2], v[3]);
 
     let client_out = data(&chunks, "curl", "egress");
     let client_in = data(&chunks, "curl", "ingress");
     let server_in = data(&chunks, "python3", "ingress");
     let server_out = data(&chunks, "python3", "egress");
-    assert!(!client_out.is_empty() && !server_in.is_empty() && !server_out.is_empty() && !client_in.is_empty(), "{chunks:#?}");
+    assert!(
+        !client_out.is_empty()
+            && !server_in.is_empty()
+            && !server_out.is_empty()
+            && !client_in.is_empty(),
+        "{chunks:#?}"
+    );
 
     assert!(stream(&client_out).starts_with(b"GET /hello.txt?x=1 HTTP/1.1\r\n"));
-    assert_eq!(stream(&client_out), stream(&server_in), "request bytes equal on both ends");
+    assert_eq!(
+        stream(&client_out),
+        stream(&server_in),
+        "request bytes equal on both ends"
+    );
     assert!(stream(&server_out).starts_with(b"HTTP/1.0 200 OK\r\n"));
-    assert_eq!(stream(&server_out), stream(&client_in), "response bytes equal on both ends");
-    assert_eq!(total_len(&client_out), sent, "client egress len = curl's size_request");
+    assert_eq!(
+        stream(&server_out),
+        stream(&client_in),
+        "response bytes equal on both ends"
+    );
+    assert_eq!(
+        total_len(&client_out),
+        sent,
+        "client egress len = curl's size_request"
+    );
     assert_eq!(total_len(&server_in), sent);
-    assert_eq!(total_len(&client_in), received, "client ingress len = header + body curl received");
+    assert_eq!(
+        total_len(&client_in),
+        received,
+        "client ingress len = header + body curl received"
+    );
     assert_eq!(total_len(&server_out), received);
 
     let client_local = format!("127.0.0.1:{client_port}");
     let server_local = format!("127.0.0.1:{port}");
     for c in client_out.iter().chain(&client_in) {
-        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("client", client_local.as_str(), server_local.as_str()));
+        assert_eq!(
+            (c.s("role"), c.s("local"), c.s("remote")),
+            ("client", client_local.as_str(), server_local.as_str())
+        );
     }
     for c in server_in.iter().chain(&server_out) {
-        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("server", server_local.as_str(), client_local.as_str()));
+        assert_eq!(
+            (c.s("role"), c.s("local"), c.s("remote")),
+            ("server", server_local.as_str(), client_local.as_str())
+        );
     }
     // Both ends saw their fd closed.
     for comm in ["curl", "python3"] {
-        assert!(chunks.iter().any(|c| c.s("kind") == "close" && c.s("comm") == comm), "close from {comm}");
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c.s("kind") == "close" && c.s("comm") == comm),
+            "close from {comm}"
+        );
     }
     assert_eq!(counter(&log, "ringbuf_full"), 0);
     assert_eq!(counter(&log, "seq_gaps"), 0);
@@ -102,17 +145,33 @@ fn one_mib_response_is_capped_with_exact_lengths_and_every_chunk_accounted_for()
 
     for (comm, dir) in [("python3", "egress"), ("curl", "ingress")] {
         let side = data(&chunks, comm, dir);
-        assert_eq!(total_len(&side), received, "{comm} {dir}: every byte accounted for");
+        assert_eq!(
+            total_len(&side),
+            received,
+            "{comm} {dir}: every byte accounted for"
+        );
         for c in &side {
             assert_eq!(c.n("captured"), c.n("len").min(4096), "{c}");
             assert_eq!(c["truncated"].as_bool(), Some(c.n("len") > 4096), "{c}");
         }
         // Sequence numbers of one connection are gapless.
-        let seqs: Vec<u64> = chunks.iter().filter(|c| c.s("comm") == comm && c.s("kind") == "data").map(|c| c.n("seq")).collect();
-        assert_eq!(seqs, (seqs[0]..seqs[0] + seqs.len() as u64).collect::<Vec<_>>(), "{comm}");
+        let seqs: Vec<u64> = chunks
+            .iter()
+            .filter(|c| c.s("comm") == comm && c.s("kind") == "data")
+            .map(|c| c.n("seq"))
+            .collect();
+        assert_eq!(
+            seqs,
+            (seqs[0]..seqs[0] + seqs.len() as u64).collect::<Vec<_>>(),
+            "{comm}"
+        );
     }
     // The first body bytes the server sent are captured exactly.
-    let first_body = data(&chunks, "python3", "egress").into_iter().find(|c| !c.payload().starts_with(b"HTTP/")).unwrap().payload();
+    let first_body = data(&chunks, "python3", "egress")
+        .into_iter()
+        .find(|c| !c.payload().starts_with(b"HTTP/"))
+        .unwrap()
+        .payload();
     assert_eq!(&first_body[..], &body[..first_body.len()]);
     assert!(counter(&log, "truncated") > 0);
     assert_eq!(counter(&log, "ringbuf_full"), 0);
@@ -151,7 +210,12 @@ fn writev_readv_sendmsg_recvmsg_paths_are_captured() {
     assert_eq!(read_line(&mut py), "done");
     let _ = py.wait();
     let (chunks, _) = agent.stop();
-    let by = |syscall: &str| -> Vec<&Value> { chunks.iter().filter(|c| c.s("syscall") == syscall).collect() };
+    let by = |syscall: &str| -> Vec<&Value> {
+        chunks
+            .iter()
+            .filter(|c| c.s("syscall") == syscall)
+            .collect()
+    };
     let request = b"GET /vectored HTTP/1.1\r\nHost: x\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
 
@@ -161,7 +225,11 @@ fn writev_readv_sendmsg_recvmsg_paths_are_captured() {
     assert_eq!(sendmsg[0].n("len"), request.len() as u64);
     assert_eq!(sendmsg[0].s("role"), "client");
     let readv = by("readv");
-    assert_eq!(readv[0].payload(), request, "readv copies across both iovecs");
+    assert_eq!(
+        readv[0].payload(),
+        request,
+        "readv copies across both iovecs"
+    );
     assert_eq!(readv[0].s("role"), "server");
     let writev = by("writev");
     assert_eq!(writev[0].payload(), response);
@@ -213,23 +281,40 @@ fn keepalive_connection_opened_before_the_agent_is_identified() {
     let client_local = format!("127.0.0.1:{client_port}");
     let server_local = format!("127.0.0.1:{port}");
     let req = data(&chunks, "python3", "egress");
-    assert!(stream(&req).starts_with(b"GET /second HTTP/1.1\r\n"), "{chunks:#?}");
-    assert!(!stream(&req).windows(6).any(|w| w == b"/first"), "the request before the agent is not seen");
+    assert!(
+        stream(&req).starts_with(b"GET /second HTTP/1.1\r\n"),
+        "{chunks:#?}"
+    );
+    assert!(
+        !stream(&req).windows(6).any(|w| w == b"/first"),
+        "the request before the agent is not seen"
+    );
     let at_server = data(&chunks, "nginx", "ingress");
     assert_eq!(stream(&at_server), stream(&req));
     let resp = data(&chunks, "nginx", "egress");
     assert!(stream(&resp).starts_with(b"HTTP/1.1 200 OK\r\n"));
     assert!(stream(&data(&chunks, "python3", "ingress")).ends_with(b"second body"));
     // Late connections count from the first byte seen, in both directions.
-    for (comm, first, other) in [("python3", "egress", "ingress"), ("nginx", "ingress", "egress")] {
+    for (comm, first, other) in [
+        ("python3", "egress", "ingress"),
+        ("nginx", "ingress", "egress"),
+    ] {
         assert_contiguous(&data(&chunks, comm, first), &format!("late {comm} {first}"));
         assert_contiguous(&data(&chunks, comm, other), &format!("late {comm} {other}"));
     }
     for c in chunks.iter().filter(|c| c.s("comm") == "python3") {
-        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("client", client_local.as_str(), server_local.as_str()), "{c}");
+        assert_eq!(
+            (c.s("role"), c.s("local"), c.s("remote")),
+            ("client", client_local.as_str(), server_local.as_str()),
+            "{c}"
+        );
     }
     for c in chunks.iter().filter(|c| c.s("comm") == "nginx") {
-        assert_eq!((c.s("role"), c.s("local"), c.s("remote")), ("server", server_local.as_str(), client_local.as_str()), "{c}");
+        assert_eq!(
+            (c.s("role"), c.s("local"), c.s("remote")),
+            ("server", server_local.as_str(), client_local.as_str()),
+            "{c}"
+        );
     }
 }
 
@@ -323,7 +408,10 @@ fn burst_of_1000_short_connections_every_one_identified() {
     let _nginx = nginx(dir.path(), &root, port, 1);
     let agent = Agent::start(&["--port", &port.to_string()]);
     let mut client = python(BURST, &[&port.to_string(), "1000"]);
-    let ports: Vec<String> = read_line(&mut client).split_whitespace().map(|p| format!("127.0.0.1:{p}")).collect();
+    let ports: Vec<String> = read_line(&mut client)
+        .split_whitespace()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
     let _ = client.wait();
     let (chunks, log) = agent.stop();
     assert_eq!(ports.len(), 1000);
@@ -331,24 +419,54 @@ fn burst_of_1000_short_connections_every_one_identified() {
 
     let client_conns: HashSet<&str> = chunks
         .iter()
-        .filter(|c| c.s("comm") == "python3" && c.s("kind") == "data" && c.s("direction") == "egress")
-        .filter(|c| c.s("role") == "client" && c.s("remote") == server && c.payload().starts_with(b"GET /f "))
+        .filter(|c| {
+            c.s("comm") == "python3" && c.s("kind") == "data" && c.s("direction") == "egress"
+        })
+        .filter(|c| {
+            c.s("role") == "client"
+                && c.s("remote") == server
+                && c.payload().starts_with(b"GET /f ")
+        })
         .map(|c| c.s("local"))
         .collect();
     let server_conns: HashSet<&str> = chunks
         .iter()
-        .filter(|c| c.s("comm") == "nginx" && c.s("kind") == "data" && c.s("direction") == "ingress")
-        .filter(|c| c.s("role") == "server" && c.s("local") == server && c.payload().starts_with(b"GET /f "))
+        .filter(|c| {
+            c.s("comm") == "nginx" && c.s("kind") == "data" && c.s("direction") == "ingress"
+        })
+        .filter(|c| {
+            c.s("role") == "server" && c.s("local") == server && c.payload().starts_with(b"GET /f ")
+        })
         .map(|c| c.s("remote"))
         .collect();
     let responses = chunks
         .iter()
-        .filter(|c| c.s("comm") == "nginx" && c.s("direction") == "egress" && c.payload().starts_with(b"HTTP/1.1 200"))
+        .filter(|c| {
+            c.s("comm") == "nginx"
+                && c.s("direction") == "egress"
+                && c.payload().starts_with(b"HTTP/1.1 200")
+        })
         .count();
-    let missing_client: Vec<_> = ports.iter().filter(|p| !client_conns.contains(p.as_str())).collect();
-    let missing_server: Vec<_> = ports.iter().filter(|p| !server_conns.contains(p.as_str())).collect();
-    assert!(missing_client.is_empty(), "client side missing {} connections: {:?}", missing_client.len(), &missing_client[..missing_client.len().min(5)]);
-    assert!(missing_server.is_empty(), "server side missing {} connections: {:?}", missing_server.len(), &missing_server[..missing_server.len().min(5)]);
+    let missing_client: Vec<_> = ports
+        .iter()
+        .filter(|p| !client_conns.contains(p.as_str()))
+        .collect();
+    let missing_server: Vec<_> = ports
+        .iter()
+        .filter(|p| !server_conns.contains(p.as_str()))
+        .collect();
+    assert!(
+        missing_client.is_empty(),
+        "client side missing {} connections: {:?}",
+        missing_client.len(),
+        &missing_client[..missing_client.len().min(5)]
+    );
+    assert!(
+        missing_server.is_empty(),
+        "server side missing {} connections: {:?}",
+        missing_server.len(),
+        &missing_server[..missing_server.len().min(5)]
+    );
     assert_eq!(responses, 1000);
     assert_eq!(counter(&log, "ringbuf_full"), 0);
 }
@@ -363,11 +481,21 @@ fn comm_filter_selects_only_the_named_process() {
     let port = free_port();
     let _server = python_http_server(dir.path(), port);
     let agent = Agent::start(&["--comm", "curl"]);
-    run_ok(Command::new("curl").args(["-sS", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/a")]));
+    run_ok(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        &format!("http://127.0.0.1:{port}/a"),
+    ]));
     let (chunks, _) = agent.stop();
-    assert!(chunks.iter().any(|c| c.s("comm") == "curl" && c.s("remote") == format!("127.0.0.1:{port}")));
+    assert!(chunks
+        .iter()
+        .any(|c| c.s("comm") == "curl" && c.s("remote") == format!("127.0.0.1:{port}")));
     let others: Vec<_> = chunks.iter().filter(|c| c.s("comm") != "curl").collect();
-    assert!(others.is_empty(), "unselected processes captured: {others:#?}");
+    assert!(
+        others.is_empty(),
+        "unselected processes captured: {others:#?}"
+    );
 }
 
 #[test]
@@ -383,22 +511,35 @@ fn pid_filter_and_the_agent_never_traces_itself() {
     let agent = Agent::start(&["--pid", &server_pid.to_string()]);
     let agent_pid = agent.pid() as u64;
     for _ in 0..3 {
-        run_ok(Command::new("curl").args(["-sS", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/a")]));
+        run_ok(Command::new("curl").args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            &format!("http://127.0.0.1:{port}/a"),
+        ]));
     }
     let (chunks, _) = agent.stop();
     assert!(!chunks.is_empty());
-    assert!(chunks.iter().all(|c| c.n("pid") == server_pid as u64), "only the selected pid");
+    assert!(
+        chunks.iter().all(|c| c.n("pid") == server_pid as u64),
+        "only the selected pid"
+    );
     assert!(chunks.iter().all(|c| c.n("pid") != agent_pid));
     assert_eq!(data(&chunks, "python3", "ingress").len(), 3);
 }
 
 /// Data chunks of one connection in one direction, in release order.
 fn conn_data<'a>(chunks: &'a [Value], conn: &str, direction: &str) -> Vec<&'a Value> {
-    chunks.iter().filter(|c| c.s("kind") == "data" && c.s("conn") == conn && c.s("direction") == direction).collect()
+    chunks
+        .iter()
+        .filter(|c| c.s("kind") == "data" && c.s("conn") == conn && c.s("direction") == direction)
+        .collect()
 }
 
 fn close_of<'a>(chunks: &'a [Value], conn: &str) -> Option<&'a Value> {
-    chunks.iter().find(|c| c.s("kind") == "close" && c.s("conn") == conn)
+    chunks
+        .iter()
+        .find(|c| c.s("kind") == "close" && c.s("conn") == conn)
 }
 
 /// A chunk's accounting fields, for assertion messages (payloads are long).
@@ -419,7 +560,12 @@ fn brief(c: &Value) -> String {
 fn assert_contiguous(side: &[&Value], what: &str) {
     let mut end = 0;
     for c in side {
-        assert_eq!(c.n("pos"), end, "{what}: chunk starts where the previous ended: {}", brief(c));
+        assert_eq!(
+            c.n("pos"),
+            end,
+            "{what}: chunk starts where the previous ended: {}",
+            brief(c)
+        );
         end += c.n("len");
     }
 }
@@ -449,33 +595,62 @@ fn byte_positions_of_a_fresh_connection_start_at_zero_and_are_contiguous() {
         &format!("http://127.0.0.1:{port}/f.bin"),
     ]));
     let (chunks, log) = agent.stop();
-    let v: Vec<u64> = sizes.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let v: Vec<u64> = sizes
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
     let (request, response) = (v[0], v[1] + v[2]);
 
-    for (comm, role, sent, received) in [("curl", "client", request, response), ("python3", "server", response, request)] {
-        let any = chunks.iter().find(|c| c.s("comm") == comm && c.s("kind") == "data").unwrap_or_else(|| panic!("no {comm} chunk"));
-        assert_eq!(any.s("role"), role, "a connection seen from its start (made by {role})");
+    for (comm, role, sent, received) in [
+        ("curl", "client", request, response),
+        ("python3", "server", response, request),
+    ] {
+        let any = chunks
+            .iter()
+            .find(|c| c.s("comm") == comm && c.s("kind") == "data")
+            .unwrap_or_else(|| panic!("no {comm} chunk"));
+        assert_eq!(
+            any.s("role"),
+            role,
+            "a connection seen from its start (made by {role})"
+        );
         let conn = any.s("conn");
         let out = conn_data(&chunks, conn, "egress");
         let inn = conn_data(&chunks, conn, "ingress");
-        assert!(out.len() + inn.len() >= 3, "{comm}: several chunks: {chunks:#?}");
+        assert!(
+            out.len() + inn.len() >= 3,
+            "{comm}: several chunks: {chunks:#?}"
+        );
         assert_contiguous(&out, &format!("{comm} egress"));
         assert_contiguous(&inn, &format!("{comm} ingress"));
         assert_eq!(total_len(&out), sent, "{comm}");
         assert_eq!(total_len(&inn), received, "{comm}");
         // The other direction's count: the client had sent its whole request
         // before reading the response; the server had read it all before answering.
-        let (waits_on, answer) = if role == "client" { (&out, &inn) } else { (&inn, &out) };
+        let (waits_on, answer) = if role == "client" {
+            (&out, &inn)
+        } else {
+            (&inn, &out)
+        };
         let whole = total_len(waits_on);
         for c in answer.iter() {
             assert_eq!(c.n("peer_pos"), whole, "{comm}: {}", brief(c));
         }
         for c in waits_on.iter() {
-            assert!(c.n("peer_pos") <= c.n("pos"), "{comm}: nothing answered before the request ended: {}", brief(c));
+            assert!(
+                c.n("peer_pos") <= c.n("pos"),
+                "{comm}: nothing answered before the request ended: {}",
+                brief(c)
+            );
         }
         // The close: end of egress and of what was read, FINs not counted.
         let close = close_of(&chunks, conn).unwrap_or_else(|| panic!("{comm}: no close"));
-        assert_eq!((close.n("pos"), close.n("peer_pos")), (sent, received), "{comm}: {}", brief(close));
+        assert_eq!(
+            (close.n("pos"), close.n("peer_pos")),
+            (sent, received),
+            "{comm}: {}",
+            brief(close)
+        );
     }
     assert_eq!(counter(&log, "stream_gaps"), 0);
     assert_eq!(counter(&log, "stream_gap_bytes"), 0);
@@ -530,7 +705,11 @@ fn lost_records_leave_holes_that_positions_measure_exactly() {
         .split_whitespace()
         .map(|t| {
             let f: Vec<&str> = t.split(':').collect();
-            (format!("127.0.0.1:{}", f[0]), f[1].parse().unwrap(), f[2].parse().unwrap())
+            (
+                format!("127.0.0.1:{}", f[0]),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
         })
         .collect();
     let _ = client.wait();
@@ -553,23 +732,48 @@ fn lost_records_leave_holes_that_positions_measure_exactly() {
             }
             // A close gives both directions' final ends, revealing lost tails.
             if let Some(cl) = close {
-                let fin = if direction == "egress" { cl.n("pos") } else { cl.n("peer_pos") };
+                let fin = if direction == "egress" {
+                    cl.n("pos")
+                } else {
+                    cl.n("peer_pos")
+                };
                 assert!(fin >= end, "{}", brief(cl));
                 holes += fin - end;
                 end = fin;
             }
-            assert_eq!(lens + holes, end, "{id} {direction}: lens + holes = stream size");
+            assert_eq!(
+                lens + holes,
+                end,
+                "{id} {direction}: lens + holes = stream size"
+            );
             holes_seen += holes;
         }
         // The client's own numbers are the truth for connections whose close came.
         if let Some(cl) = close.filter(|c| c.s("comm") == "python3" && c.s("role") == "client") {
-            let (_, sent, got) = conns.iter().find(|(local, ..)| local == cl.s("local")).expect("a client connection");
-            assert_eq!((cl.n("pos"), cl.n("peer_pos")), (*sent, *got), "{}", brief(cl));
+            let (_, sent, got) = conns
+                .iter()
+                .find(|(local, ..)| local == cl.s("local"))
+                .expect("a client connection");
+            assert_eq!(
+                (cl.n("pos"), cl.n("peer_pos")),
+                (*sent, *got),
+                "{}",
+                brief(cl)
+            );
             closes_checked += 1;
         }
     }
-    assert!(counter(&log, "ringbuf_full") > 0, "records were lost:\n{log}");
+    assert!(
+        counter(&log, "ringbuf_full") > 0,
+        "records were lost:\n{log}"
+    );
     assert!(holes_seen > 0, "holes were measured");
-    assert!(counter(&log, "stream_gaps") > 0 && counter(&log, "stream_gap_bytes") > 0, "{log}");
-    assert!(closes_checked > 0, "some client closes survived the losses:\n{log}");
+    assert!(
+        counter(&log, "stream_gaps") > 0 && counter(&log, "stream_gap_bytes") > 0,
+        "{log}"
+    );
+    assert!(
+        closes_checked > 0,
+        "some client closes survived the losses:\n{log}"
+    );
 }

@@ -1,38 +1,41 @@
 //! The tracing job end to end: real programs, real clients and servers, and a
 //! real OTLP receiver (or the console), assertions on the spans.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::Read,
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fs, io::Read, process::Command, time::Duration};
 
 use integration_tests::{
-    counter_in, free_port, otlp_receiver::{ReceivedSpan, Receiver}, python_env, python_http_server,
-    read_line, require_root, run_ok, Agent,
+    counter_in, free_port,
+    otlp_receiver::{ReceivedSpan, Receiver},
+    python_env, python_http_server, read_line, require_root, run_ok, Agent,
 };
 use serde_json::Value;
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
-    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("urandom");
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("urandom");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a Value {
-    s.attributes.get(k).unwrap_or_else(|| panic!("span {} has no attribute {k}: {:?}", s.name, s.attributes))
+    s.attributes
+        .get(k)
+        .unwrap_or_else(|| panic!("span {} has no attribute {k}: {:?}", s.name, s.attributes))
 }
 
 fn attr_str<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    attr(s, k).as_str().unwrap_or_else(|| panic!("{k} is not a string: {:?}", attr(s, k)))
+    attr(s, k)
+        .as_str()
+        .unwrap_or_else(|| panic!("{k} is not a string: {:?}", attr(s, k)))
 }
 
 fn attr_int(s: &ReceivedSpan, k: &str) -> i64 {
     match attr(s, k) {
         Value::Number(n) => n.as_i64().expect("integer"),
-        Value::String(v) => v.parse().unwrap_or_else(|_| panic!("{k} is not an integer: {v}")),
+        Value::String(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{k} is not an integer: {v}")),
         v => panic!("{k} is not an integer: {v}"),
     }
 }
@@ -61,16 +64,34 @@ fn trace_context_from_w3c_b3_and_jaeger_reaches_the_otlp_receiver() {
     let endpoint = receiver.endpoint();
     let agent = Agent::start_with(
         "trace",
-        &["--port", &port.to_string(), "--service-name", "python3=web-frontend"],
+        &[
+            "--port",
+            &port.to_string(),
+            "--service-name",
+            "python3=web-frontend",
+        ],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
     );
     // (format, trace id, parent span id, headers)
     let mut cases: Vec<(&str, String, String, Vec<String>)> = Vec::new();
-    for format in ["w3c", "b3-multi", "b3-single", "jaeger", "jaeger-urlencoded"] {
+    for format in [
+        "w3c",
+        "b3-multi",
+        "b3-single",
+        "jaeger",
+        "jaeger-urlencoded",
+    ] {
         let (t, s) = (random_hex(16), random_hex(8));
         let headers = match format {
-            "w3c" => vec![format!("traceparent: 00-{t}-{s}-03"), "tracestate: vendor=abc".into()],
-            "b3-multi" => vec![format!("X-B3-TraceId: {t}"), format!("X-B3-SpanId: {s}"), "X-B3-Sampled: 1".into()],
+            "w3c" => vec![
+                format!("traceparent: 00-{t}-{s}-03"),
+                "tracestate: vendor=abc".into(),
+            ],
+            "b3-multi" => vec![
+                format!("X-B3-TraceId: {t}"),
+                format!("X-B3-SpanId: {s}"),
+                "X-B3-Sampled: 1".into(),
+            ],
             "b3-single" => vec![format!("b3: {t}-{s}-1")],
             "jaeger" => vec![format!("uber-trace-id: {t}:{s}:0:1")],
             _ => vec![format!("uber-trace-id: {t}%3A{s}%3A0%3A1")],
@@ -83,17 +104,31 @@ fn trace_context_from_w3c_b3_and_jaeger_reaches_the_otlp_receiver() {
     }
     let want: Vec<String> = cases.iter().map(|c| c.1.clone()).collect();
     let spans = receiver.spans_until(Duration::from_secs(30), |spans| {
-        want.iter().all(|t| spans.iter().filter(|s| &s.trace_id == t).count() >= 2)
+        want.iter()
+            .all(|t| spans.iter().filter(|s| &s.trace_id == t).count() >= 2)
     });
     let (_, log) = agent.stop_raw();
 
     for (format, t, s, _) in &cases {
         let in_trace: Vec<&ReceivedSpan> = spans.iter().filter(|x| &x.trace_id == t).collect();
-        assert_eq!(in_trace.len(), 2, "{format}: want a CLIENT and a SERVER span in trace {t}, got {in_trace:#?}\n{log}");
-        let client = in_trace.iter().find(|x| x.kind == "CLIENT").unwrap_or_else(|| panic!("{format}: no CLIENT span"));
-        let server = in_trace.iter().find(|x| x.kind == "SERVER").unwrap_or_else(|| panic!("{format}: no SERVER span"));
+        assert_eq!(
+            in_trace.len(),
+            2,
+            "{format}: want a CLIENT and a SERVER span in trace {t}, got {in_trace:#?}\n{log}"
+        );
+        let client = in_trace
+            .iter()
+            .find(|x| x.kind == "CLIENT")
+            .unwrap_or_else(|| panic!("{format}: no CLIENT span"));
+        let server = in_trace
+            .iter()
+            .find(|x| x.kind == "SERVER")
+            .unwrap_or_else(|| panic!("{format}: no SERVER span"));
         for span in [client, server] {
-            assert_eq!(&span.parent_span_id, s, "{format}: parent is the header's span id");
+            assert_eq!(
+                &span.parent_span_id, s,
+                "{format}: parent is the header's span id"
+            );
             assert_eq!(span.name, "GET /a", "{format}");
             assert_eq!(attr_str(span, "http.request.method"), "GET");
             assert_eq!(attr_str(span, "url.path"), "/a");
@@ -109,18 +144,35 @@ fn trace_context_from_w3c_b3_and_jaeger_reaches_the_otlp_receiver() {
             assert!(span.end_ns > span.start_ns);
         }
         assert_eq!(client.service_name, "curl");
-        assert_eq!(server.service_name, "web-frontend", "--service-name maps the process name");
+        assert_eq!(
+            server.service_name, "web-frontend",
+            "--service-name maps the process name"
+        );
         assert_eq!(attr_str(server, "client.address"), "127.0.0.1");
-        assert_eq!(attr_int(server, "client.port"), i64::from(client_ports[format]));
+        assert_eq!(
+            attr_int(server, "client.port"),
+            i64::from(client_ports[format])
+        );
         assert_eq!(attr_int(client, "network.peer.port"), i64::from(port));
         assert!(
             client.start_ns <= server.start_ns && server.end_ns <= client.end_ns,
             "{format}: the CLIENT span contains the SERVER span: {client:#?} {server:#?}"
         );
         // Both ends were seen on this host: each span carries the other's moments.
-        assert_eq!(client.events, vec!["server_receive", "server_send"], "{format}");
-        assert_eq!(server.events, vec!["client_send", "client_receive"], "{format}");
-        assert!(server.resource.contains_key("process.pid") && server.resource.contains_key("host.name"));
+        assert_eq!(
+            client.events,
+            vec!["server_receive", "server_send"],
+            "{format}"
+        );
+        assert_eq!(
+            server.events,
+            vec!["client_send", "client_receive"],
+            "{format}"
+        );
+        assert!(
+            server.resource.contains_key("process.pid")
+                && server.resource.contains_key("host.name")
+        );
     }
     assert!(counter_in(&log, "agent stopped", "context_w3c") >= 1);
     assert!(counter_in(&log, "agent stopped", "context_b3") >= 2);
@@ -151,11 +203,19 @@ fn secrets_never_leave_the_host_and_a_process_names_its_own_service() {
         return;
     }
     // The server declares its service name the OpenTelemetry way, in its environment.
-    let mut server = python_env(SECRET_SERVER, &[], &[("OTEL_SERVICE_NAME", "secret-keeper")]);
+    let mut server = python_env(
+        SECRET_SERVER,
+        &[],
+        &[("OTEL_SERVICE_NAME", "secret-keeper")],
+    );
     let port: u16 = read_line(&mut server).parse().unwrap();
     let receiver = Receiver::start();
     let endpoint = receiver.endpoint();
-    let agent = Agent::start_with("trace", &["--port", &port.to_string()], &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())]);
+    let agent = Agent::start_with(
+        "trace",
+        &["--port", &port.to_string()],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    );
     let t = random_hex(16);
     curl(
         port,
@@ -167,18 +227,32 @@ fn secrets_never_leave_the_host_and_a_process_names_its_own_service() {
             "Proxy-Authorization: Basic S3CR3T-PROXY".into(),
         ],
     );
-    let spans = receiver.spans_until(Duration::from_secs(30), |s| s.iter().filter(|x| x.trace_id == t).count() >= 2);
+    let spans = receiver.spans_until(Duration::from_secs(30), |s| {
+        s.iter().filter(|x| x.trace_id == t).count() >= 2
+    });
     let (_, log) = agent.stop_raw();
     let _ = server.kill();
     let mine: Vec<&ReceivedSpan> = spans.iter().filter(|x| x.trace_id == t).collect();
     assert_eq!(mine.len(), 2, "{spans:#?}");
     let everything = format!("{mine:?}{log}");
-    assert!(!everything.contains("S3CR3T"), "a secret left the host: {everything}");
+    assert!(
+        !everything.contains("S3CR3T"),
+        "a secret left the host: {everything}"
+    );
     for s in &mine {
-        assert_eq!(attr_str(s, "url.query"), "user=bob&token=REDACTED&password=REDACTED");
+        assert_eq!(
+            attr_str(s, "url.query"),
+            "user=bob&token=REDACTED&password=REDACTED"
+        );
     }
-    let server_span = mine.iter().find(|s| s.kind == "SERVER").expect("SERVER span");
-    assert_eq!(server_span.service_name, "secret-keeper", "OTEL_SERVICE_NAME read from /proc/PID/environ");
+    let server_span = mine
+        .iter()
+        .find(|s| s.kind == "SERVER")
+        .expect("SERVER span");
+    assert_eq!(
+        server_span.service_name, "secret-keeper",
+        "OTEL_SERVICE_NAME read from /proc/PID/environ"
+    );
 }
 
 #[test]
@@ -192,16 +266,28 @@ fn console_prints_readable_trace_trees() {
     let _server = python_http_server(dir.path(), port);
     let agent = Agent::start_with("trace", &["--port", &port.to_string()], &[]);
     let t = random_hex(16);
-    curl(port, "/a", &[format!("traceparent: 00-{t}-{}-01", random_hex(8))]);
+    curl(
+        port,
+        "/a",
+        &[format!("traceparent: 00-{t}-{}-01", random_hex(8))],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let (out, log) = agent.stop_raw();
-    let at = out.find(&format!("trace {t} (2 spans)")).unwrap_or_else(|| panic!("no tree for {t} in:\n{out}\n{log}"));
+    let at = out
+        .find(&format!("trace {t} (2 spans)"))
+        .unwrap_or_else(|| panic!("no tree for {t} in:\n{out}\n{log}"));
     let tree: Vec<&str> = out[at..].lines().take(3).collect();
-    assert!(tree[1].starts_with("├─ ") || tree[1].starts_with("└─ "), "{tree:?}");
+    assert!(
+        tree[1].starts_with("├─ ") || tree[1].starts_with("└─ "),
+        "{tree:?}"
+    );
     let text = tree.join("\n");
     assert!(text.contains("curl CLIENT GET /a "), "{text}");
     assert!(text.contains(" SERVER GET /a "), "{text}");
-    assert!(text.contains(" ms [ok]") || text.contains(" µs [ok]"), "durations and status: {text}");
+    assert!(
+        text.contains(" ms [ok]") || text.contains(" µs [ok]"),
+        "durations and status: {text}"
+    );
 }
 
 /// `--output json` lines: (trace id, kind) of each span.
@@ -209,7 +295,8 @@ fn json_spans(out: &str) -> Vec<(String, i64, String)> {
     out.lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad OTLP-JSON line {l}: {e}"));
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad OTLP-JSON line {l}: {e}"));
             let rs = &v["resourceSpans"][0];
             let service = rs["resource"]["attributes"]
                 .as_array()
@@ -218,7 +305,11 @@ fn json_spans(out: &str) -> Vec<(String, i64, String)> {
                 .unwrap_or("")
                 .to_string();
             let span = &rs["scopeSpans"][0]["spans"][0];
-            (span["traceId"].as_str().unwrap_or("").to_string(), span["kind"].as_i64().unwrap_or(0), service)
+            (
+                span["traceId"].as_str().unwrap_or("").to_string(),
+                span["kind"].as_i64().unwrap_or(0),
+                service,
+            )
         })
         .collect()
 }
@@ -233,11 +324,43 @@ fn sampling_honours_the_caller_and_the_ratio() {
     let port = free_port();
     let _server = python_http_server(dir.path(), port);
     // Ratio 0 for new traces: only requests whose caller decided "sampled" are kept.
-    let agent = Agent::start_with("trace", &["--port", &port.to_string(), "--output", "json", "--sampler-ratio", "0"], &[]);
-    let (sampled, denied, debug, b3_deny) = (random_hex(16), random_hex(16), random_hex(16), random_hex(16));
-    curl(port, "/a", &[format!("traceparent: 00-{sampled}-{}-01", random_hex(8))]);
-    curl(port, "/a", &[format!("traceparent: 00-{denied}-{}-00", random_hex(8))]);
-    curl(port, "/a", &[format!("X-B3-TraceId: {debug}"), format!("X-B3-SpanId: {}", random_hex(8)), "X-B3-Flags: 1".into()]);
+    let agent = Agent::start_with(
+        "trace",
+        &[
+            "--port",
+            &port.to_string(),
+            "--output",
+            "json",
+            "--sampler-ratio",
+            "0",
+        ],
+        &[],
+    );
+    let (sampled, denied, debug, b3_deny) = (
+        random_hex(16),
+        random_hex(16),
+        random_hex(16),
+        random_hex(16),
+    );
+    curl(
+        port,
+        "/a",
+        &[format!("traceparent: 00-{sampled}-{}-01", random_hex(8))],
+    );
+    curl(
+        port,
+        "/a",
+        &[format!("traceparent: 00-{denied}-{}-00", random_hex(8))],
+    );
+    curl(
+        port,
+        "/a",
+        &[
+            format!("X-B3-TraceId: {debug}"),
+            format!("X-B3-SpanId: {}", random_hex(8)),
+            "X-B3-Flags: 1".into(),
+        ],
+    );
     curl(port, "/a", &[format!("b3: {b3_deny}-{}-0", random_hex(8))]);
     curl(port, "/a", &[]); // new trace, ratio 0
     curl(port, "/a", &["b3: 0".into()]); // lone deny
@@ -270,16 +393,41 @@ fn wrk_keepalive_requests_each_give_one_server_span() {
     fs::create_dir(&nginx_dir).unwrap();
     let access_log = nginx_dir.join("access.log");
     let _nginx = integration_tests::nginx_with_access_log(&nginx_dir, &root, port, &access_log);
-    let agent = Agent::start_with("trace", &["--port", &port.to_string(), "--comm", "nginx", "--output", "json"], &[]);
+    let agent = Agent::start_with(
+        "trace",
+        &[
+            "--port",
+            &port.to_string(),
+            "--comm",
+            "nginx",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
     let script = dir.path().join("path.lua");
     fs::write(&script, LUA_PATH).unwrap();
-    let wrk = run_ok(Command::new("wrk").args(["-t1", "-c8", "-d4s", "-s"]).arg(&script).arg(format!("http://127.0.0.1:{port}/f")));
+    let wrk = run_ok(
+        Command::new("wrk")
+            .args(["-t1", "-c8", "-d4s", "-s"])
+            .arg(&script)
+            .arg(format!("http://127.0.0.1:{port}/f")),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let (out, log) = agent.stop_raw();
     let handled = fs::read_to_string(&access_log).unwrap().lines().count();
-    assert!(handled >= 10_000, "wrk made only {handled} requests:\n{wrk}");
-    let server_spans = json_spans(&out).iter().filter(|s| s.1 == 2 && s.2 == "nginx").count();
-    assert_eq!(server_spans, handled, "one SERVER span per request nginx logged, none lost\n{log}");
+    assert!(
+        handled >= 10_000,
+        "wrk made only {handled} requests:\n{wrk}"
+    );
+    let server_spans = json_spans(&out)
+        .iter()
+        .filter(|s| s.1 == 2 && s.2 == "nginx")
+        .count();
+    assert_eq!(
+        server_spans, handled,
+        "one SERVER span per request nginx logged, none lost\n{log}"
+    );
     assert_eq!(counter_in(&log, "capture stopped", "ringbuf_full"), 0);
 }
 
@@ -325,14 +473,30 @@ fn garbage_is_counted_and_an_aborted_exchange_is_an_error_span() {
     let _ = py.wait();
     std::thread::sleep(Duration::from_millis(800));
     let (out, log) = agent.stop_raw();
-    assert!(counter_in(&log, "agent stopped", "non_http_connections") >= 1, "garbage counted: {log}");
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("OTLP-JSON line")).collect();
-    let spans: Vec<&Value> = lines.iter().map(|v| &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0]).collect();
-    assert_eq!(spans.len(), 2, "only the aborted exchange's two ends, no span from garbage: {out}");
+    assert!(
+        counter_in(&log, "agent stopped", "non_http_connections") >= 1,
+        "garbage counted: {log}"
+    );
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("OTLP-JSON line"))
+        .collect();
+    let spans: Vec<&Value> = lines
+        .iter()
+        .map(|v| &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0])
+        .collect();
+    assert_eq!(
+        spans.len(),
+        2,
+        "only the aborted exchange's two ends, no span from garbage: {out}"
+    );
     for s in &spans {
         assert_eq!(s["name"], "GET /abort", "{s}");
         let attrs = s["attributes"].as_array().expect("attributes");
-        let error_type = attrs.iter().find(|kv| kv["key"] == "error.type").map(|kv| kv["value"]["stringValue"].clone());
+        let error_type = attrs
+            .iter()
+            .find(|kv| kv["key"] == "error.type")
+            .map(|kv| kv["value"]["stringValue"].clone());
         assert_eq!(error_type, Some(Value::from("aborted")), "{s}");
         assert_eq!(s["status"]["code"], 2, "ERROR status: {s}");
     }

@@ -91,7 +91,10 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 /// a counter of export requests received.
 fn start_discarding_collector() -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    };
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let requests = Arc::new(AtomicU64::new(0));
@@ -173,18 +176,36 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
     // The agent runs through the integration tests' harness, which finds the
     // release build where `build` put it.
     if agent_bin().canonicalize().ok() != agent.canonicalize().ok() {
-        bail!("the harness would run {}, not the agent just built at {}", agent_bin().display(), agent.display());
+        bail!(
+            "the harness would run {}, not the agent just built at {}",
+            agent_bin().display(),
+            agent.display()
+        );
     }
     match which {
-        Which::Overhead { rounds, seconds, connections } => overhead(rounds, seconds, connections),
-        Which::H2 { rounds, seconds, connections, streams } => h2(rounds, seconds, connections, streams),
+        Which::Overhead {
+            rounds,
+            seconds,
+            connections,
+        } => overhead(rounds, seconds, connections),
+        Which::H2 {
+            rounds,
+            seconds,
+            connections,
+            streams,
+        } => h2(rounds, seconds, connections, streams),
     }
 }
 
 /// Runs h2load for `seconds` against nginx h2c; returns (requests/s, requests done).
 fn h2load(port: u16, seconds: u32, connections: u32, streams: u32) -> Result<(f64, f64)> {
     let out = Command::new("h2load")
-        .args(["-t1", &format!("-c{connections}"), &format!("-m{streams}"), &format!("-D{seconds}")])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-m{streams}"),
+            &format!("-D{seconds}"),
+        ])
         .arg(format!("http://127.0.0.1:{port}/index.html"))
         .output()
         .context("running h2load")?;
@@ -202,17 +223,32 @@ fn h2(rounds: u32, seconds: u32, connections: u32, streams: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let www = dir.path().join("www");
     fs::create_dir_all(&www)?;
-    fs::write(www.join("index.html"), "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n")?;
+    fs::write(
+        www.join("index.html"),
+        "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n",
+    )?;
     let port = free_port();
     let _nginx = integration_tests::peers::nginx_h2c(dir.path(), &www, port);
     h2load(port, 1, connections, streams)?; // warm-up
     let (discard, export_requests) = start_discarding_collector()?;
     let formats: [(&str, Vec<&str>); 2] = [
-        ("capture only, all processes", vec!["dump", "--format", "summary"]),
-        ("trace, OTLP to a discarding sink", vec!["trace", "--otlp-endpoint", &discard]),
+        (
+            "capture only, all processes",
+            vec!["dump", "--format", "summary"],
+        ),
+        (
+            "trace, OTLP to a discarding sink",
+            vec!["trace", "--otlp-endpoint", &discard],
+        ),
     ];
     let mut without = Vec::new();
-    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
+    let mut modes: Vec<Mode> = formats
+        .iter()
+        .map(|_| Mode {
+            drops: vec![0; DROPS.len()],
+            ..Mode::default()
+        })
+        .collect();
     for round in 0..rounds {
         let (rps, _) = h2load(port, seconds, connections, streams)?;
         println!("round {round}: without agent {:<29} {rps:>10.0} req/s", "");
@@ -235,7 +271,10 @@ fn h2(rounds: u32, seconds: u32, connections: u32, streams: u32) -> Result<()> {
             }
         }
     }
-    println!("export requests the discarding sink took: {}", export_requests.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "export requests the discarding sink took: {}",
+        export_requests.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let base = mean(&without);
     println!();
@@ -246,10 +285,20 @@ fn h2(rounds: u32, seconds: u32, connections: u32, streams: u32) -> Result<()> {
         println!("--- {format}: agent {}", args.join(" "));
         println!("requests/s with agent           : {rps:.0}");
         println!("ratio with/without              : {:.3}", rps / base);
-        println!("agent CPU µs / stream           : {:.2}", m.cpu_s * 1e6 / m.requests.max(1.0));
+        println!(
+            "agent CPU µs / stream           : {:.2}",
+            m.cpu_s * 1e6 / m.requests.max(1.0)
+        );
         println!("kernel events                   : {}", m.events);
-        println!("streams / spans made / exported : {} / {} / {}", m.requests, m.spans, m.exported);
-        let drops: Vec<String> = DROPS.iter().zip(&m.drops).map(|((_, n), d)| format!("{n}={d}")).collect();
+        println!(
+            "streams / spans made / exported : {} / {} / {}",
+            m.requests, m.spans, m.exported
+        );
+        let drops: Vec<String> = DROPS
+            .iter()
+            .zip(&m.drops)
+            .map(|((_, n), d)| format!("{n}={d}"))
+            .collect();
         println!("drops                           : {}", drops.join(" "));
     }
     Ok(())
@@ -259,7 +308,10 @@ fn overhead(rounds: u32, seconds: u32, connections: u32) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let www = dir.path().join("www");
     fs::create_dir_all(&www)?;
-    fs::write(www.join("index.html"), "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n")?;
+    fs::write(
+        www.join("index.html"),
+        "<html><body>".to_string() + &"benchmark page ".repeat(40) + "</body></html>\n",
+    )?;
     let port = free_port();
     let _nginx = nginx(dir.path(), &www, port, 1);
     wrk(port, 1, connections)?; // warm-up
@@ -270,13 +322,31 @@ fn overhead(rounds: u32, seconds: u32, connections: u32) -> Result<()> {
     // agent traces the load generator too; `--comm nginx` traces the server
     // alone, as on a host where the clients are elsewhere.
     let formats: [(&str, Vec<&str>); 4] = [
-        ("capture only, all processes", vec!["dump", "--format", "summary"]),
-        ("trace, OTLP to a discarding sink", vec!["trace", "--otlp-endpoint", &discard]),
-        ("trace, OTLP discard, nginx only", vec!["trace", "--otlp-endpoint", &discard, "--comm", "nginx"]),
-        ("trace, OTLP to otelite", vec!["trace", "--otlp-endpoint", &otelite]),
+        (
+            "capture only, all processes",
+            vec!["dump", "--format", "summary"],
+        ),
+        (
+            "trace, OTLP to a discarding sink",
+            vec!["trace", "--otlp-endpoint", &discard],
+        ),
+        (
+            "trace, OTLP discard, nginx only",
+            vec!["trace", "--otlp-endpoint", &discard, "--comm", "nginx"],
+        ),
+        (
+            "trace, OTLP to otelite",
+            vec!["trace", "--otlp-endpoint", &otelite],
+        ),
     ];
     let mut without = Vec::new();
-    let mut modes: Vec<Mode> = formats.iter().map(|_| Mode { drops: vec![0; DROPS.len()], ..Mode::default() }).collect();
+    let mut modes: Vec<Mode> = formats
+        .iter()
+        .map(|_| Mode {
+            drops: vec![0; DROPS.len()],
+            ..Mode::default()
+        })
+        .collect();
     for round in 0..rounds {
         let (rps, _) = wrk(port, seconds, connections)?;
         println!("round {round}: without agent {:<29} {rps:>10.0} req/s", "");
@@ -299,7 +369,10 @@ fn overhead(rounds: u32, seconds: u32, connections: u32) -> Result<()> {
             }
         }
     }
-    println!("export requests the discarding sink took: {}", export_requests.load(std::sync::atomic::Ordering::Relaxed));
+    println!(
+        "export requests the discarding sink took: {}",
+        export_requests.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let base = mean(&without);
     println!();
@@ -309,10 +382,20 @@ fn overhead(rounds: u32, seconds: u32, connections: u32) -> Result<()> {
         println!("--- {format}: agent {}", args.join(" "));
         println!("requests/s with agent           : {rps:.0}");
         println!("ratio with/without              : {:.3}", rps / base);
-        println!("agent CPU s / 100k requests     : {:.3}", m.cpu_s / (m.requests / 100_000.0));
+        println!(
+            "agent CPU s / 100k requests     : {:.3}",
+            m.cpu_s / (m.requests / 100_000.0)
+        );
         println!("kernel events                   : {}", m.events);
-        println!("spans made / exported           : {} / {}", m.spans, m.exported);
-        let drops: Vec<String> = DROPS.iter().zip(&m.drops).map(|((_, n), d)| format!("{n}={d}")).collect();
+        println!(
+            "spans made / exported           : {} / {}",
+            m.spans, m.exported
+        );
+        let drops: Vec<String> = DROPS
+            .iter()
+            .zip(&m.drops)
+            .map(|((_, n), d)| format!("{n}={d}"))
+            .collect();
         println!("drops                           : {}", drops.join(" "));
     }
     Ok(())

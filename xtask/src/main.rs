@@ -93,7 +93,10 @@ fn main() -> Result<()> {
         Cmd::Run { args } => {
             setup()?;
             let agent = build(true)?;
-            let status = Command::new(&agent).args(&args).status().with_context(|| format!("running {}", agent.display()))?;
+            let status = Command::new(&agent)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", agent.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { args } => test(&args),
@@ -102,13 +105,20 @@ fn main() -> Result<()> {
             let agent = build(true)?;
             bench::run(which, &agent)
         }
-        Cmd::Fuzz { target: Some(t), runs, seconds } => fuzz::fuzz(&root(), &t, runs, seconds),
+        Cmd::Fuzz {
+            target: Some(t),
+            runs,
+            seconds,
+        } => fuzz::fuzz(&root(), &t, runs, seconds),
         Cmd::Fuzz { target: None, .. } => fuzz::smoke(&root()),
     }
 }
 
 pub(crate) fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
@@ -121,7 +131,9 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -148,18 +160,29 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let linked = output(Command::new("rustup").args(["toolchain", "list"]))
-        .is_some_and(|s| s.lines().any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN)));
+    let linked = output(Command::new("rustup").args(["toolchain", "list"])).is_some_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN))
+    });
     if !linked {
         eprintln!("xtask: linking /usr as rustup toolchain {BPF_TOOLCHAIN}");
         run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))?;
     }
-    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
-        .is_some_and(|v| v.split_whitespace().nth(1).is_some_and(|v| v.starts_with(BPF_LINKER_VERSION)));
+    let linker_ok = output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| {
+        v.split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(BPF_LINKER_VERSION))
+    });
     if !linker_ok {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
@@ -168,7 +191,13 @@ fn setup() -> Result<()> {
         .is_some_and(|v| v.starts_with(&format!("{OTLP_RECEIVER} {OTLP_RECEIVER_VERSION} ")));
     if !receiver_ok {
         eprintln!("xtask: installing {OTLP_RECEIVER} {OTLP_RECEIVER_VERSION} (OTLP receiver for the integration tests; ~10 min)");
-        run(Command::new("cargo").args(["install", OTLP_RECEIVER, "--locked", "--version", &format!("={OTLP_RECEIVER_VERSION}")]))?;
+        run(Command::new("cargo").args([
+            "install",
+            OTLP_RECEIVER,
+            "--locked",
+            "--version",
+            &format!("={OTLP_RECEIVER_VERSION}"),
+        ]))?;
     }
     setup_peers()
 }
@@ -191,20 +220,41 @@ fn setup_peers() -> Result<()> {
         }
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         run(Command::new(venv.join("bin/python3"))
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input", "--only-binary", ":all:", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--only-binary",
+                ":all:",
+                "-r",
+            ])
             .arg(pins.join("requirements.txt")))?;
         std::fs::write(&stamp, &requirements)?;
     }
     let lock = std::fs::read_to_string(pins.join("package-lock.json"))?;
     let node = dest.join("node");
     let stamp = node.join(".package-lock.json");
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(lock.as_str()) || !node.join("node_modules/@grpc/grpc-js").is_dir() {
-        eprintln!("xtask: installing the Node peers' modules at {}", node.display());
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(lock.as_str())
+        || !node.join("node_modules/@grpc/grpc-js").is_dir()
+    {
+        eprintln!(
+            "xtask: installing the Node peers' modules at {}",
+            node.display()
+        );
         std::fs::create_dir_all(&node)?;
         for f in ["package.json", "package-lock.json"] {
             std::fs::copy(pins.join(f), node.join(f))?;
         }
-        run(Command::new("npm").current_dir(&node).args(["ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]))?;
+        run(Command::new("npm").current_dir(&node).args([
+            "ci",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]))?;
         std::fs::write(&stamp, &lock)?;
     }
     Ok(())
@@ -212,7 +262,10 @@ fn setup_peers() -> Result<()> {
 
 /// Path of the built kernel object.
 fn ebpf_object() -> PathBuf {
-    root().join("target/bpf").join(BPF_TARGET).join("release/agent-ebpf")
+    root()
+        .join("target/bpf")
+        .join(BPF_TARGET)
+        .join("release/agent-ebpf")
 }
 
 fn build_ebpf() -> Result<PathBuf> {
@@ -221,7 +274,16 @@ fn build_ebpf() -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
         .arg(format!("+{BPF_TOOLCHAIN}"))
-        .args(["build", "-p", "agent-ebpf", "--release", "-Z", "build-std=core", "--target", BPF_TARGET])
+        .args([
+            "build",
+            "-p",
+            "agent-ebpf",
+            "--release",
+            "-Z",
+            "build-std=core",
+            "--target",
+            BPF_TARGET,
+        ])
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_DIR", root().join("target/bpf"))
         .env_remove("RUSTC")
@@ -235,19 +297,34 @@ fn build_ebpf() -> Result<PathBuf> {
 fn build(release: bool) -> Result<PathBuf> {
     let obj = build_ebpf()?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["build", "-p", "agent"]).env("AGENT_EBPF_OBJECT", &obj);
+    cmd.current_dir(root())
+        .args(["build", "-p", "agent"])
+        .env("AGENT_EBPF_OBJECT", &obj);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("agent"))
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("agent"))
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let agent = build(true)?;
     // Unit tests of every host crate.
-    run(Command::new("cargo").current_dir(root()).args(["test", "--workspace", "--exclude", "agent-ebpf", "--exclude", "integration-tests"]).env("AGENT_EBPF_OBJECT", ebpf_object()))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--exclude",
+            "integration-tests",
+        ])
+        .env("AGENT_EBPF_OBJECT", ebpf_object()))?;
     // Every fuzz target briefly (a filtered run is for one test, so skips it).
     if args.is_empty() {
         fuzz::smoke(&root())?;
@@ -256,7 +333,14 @@ fn test(args: &[String]) -> Result<()> {
     // One at a time: they share the kernel's tracepoints and loopback ports.
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["test", "-p", "integration-tests", "--release", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "-p",
+            "integration-tests",
+            "--release",
+            "--",
+            "--test-threads=1",
+        ])
         .args(args)
         .env("AGENT_BIN", &agent))
 }

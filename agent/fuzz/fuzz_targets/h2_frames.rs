@@ -16,11 +16,26 @@ use agent::{
 };
 use libfuzzer_sys::fuzz_target;
 
-fn chunk(role: Role, late: bool, dir: Direction, payload: &[u8], len: u64, pos: u64, peer: u64, t: u64) -> Chunk {
-    let (a, b) = ("127.0.0.1:40000".parse().unwrap(), "127.0.0.1:8080".parse().unwrap());
+fn chunk(
+    role: Role,
+    late: bool,
+    dir: Direction,
+    payload: &[u8],
+    len: u64,
+    pos: u64,
+    peer: u64,
+    t: u64,
+) -> Chunk {
+    let (a, b) = (
+        "127.0.0.1:40000".parse().unwrap(),
+        "127.0.0.1:8080".parse().unwrap(),
+    );
     let (local, remote) = if role == Role::Server { (b, a) } else { (a, b) };
     Chunk {
-        conn: ConnId { sock: 1, start_ns: 1 },
+        conn: ConnId {
+            sock: 1,
+            start_ns: 1,
+        },
         kind: ChunkKind::Data,
         seq: 0,
         ts_enter_ns: t,
@@ -45,7 +60,9 @@ fn chunk(role: Role, late: bool, dir: Direction, payload: &[u8], len: u64, pos: 
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cfg, mut rest)) = data.split_first() else { return };
+    let Some((&cfg, mut rest)) = data.split_first() else {
+        return;
+    };
     let role = match cfg & 3 {
         0 => Role::Client,
         1 => Role::Server,
@@ -63,8 +80,16 @@ fuzz_target!(|data: &[u8]| {
         rest = &rest[5..];
         let payload = &rest[..len.min(rest.len())];
         rest = &rest[payload.len()..];
-        let (d, me, peer) = if flags & 1 == 0 { (Direction::Egress, 0, 1) } else { (Direction::Ingress, 1, 0) };
-        let (len, hole) = if flags & 0x80 != 0 { (payload.len() as u64, 0) } else { (payload.len() as u64 + extra, extra) };
+        let (d, me, peer) = if flags & 1 == 0 {
+            (Direction::Egress, 0, 1)
+        } else {
+            (Direction::Ingress, 1, 0)
+        };
+        let (len, hole) = if flags & 0x80 != 0 {
+            (payload.len() as u64, 0)
+        } else {
+            (payload.len() as u64 + extra, extra)
+        };
         if flags & 0x80 != 0 {
             at[me] += extra;
         }
@@ -74,7 +99,10 @@ fuzz_target!(|data: &[u8]| {
         dec.push(&c, &mut out);
         assert!(dec.tracked() <= 1);
         for ex in out.drain(..) {
-            assert!(ex.request_headers.bytes() <= 64 * 1024 + 4096, "header bytes bounded");
+            assert!(
+                ex.request_headers.bytes() <= 64 * 1024 + 4096,
+                "header bytes bounded"
+            );
             assert!(ex.response_first_ns.is_none_or(|r| r >= 1000));
         }
     }

@@ -15,7 +15,10 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no struct `{0}`")]
@@ -111,7 +114,13 @@ impl Btf {
             .ok_or(BtfError::Malformed("string section out of range"))?
             .to_vec();
         // Type id 0 is `void`.
-        let mut types = vec![Type { name_off: 0, kind: 0, size_or_type: 0, members: vec![], array: None }];
+        let mut types = vec![Type {
+            name_off: 0,
+            kind: 0,
+            size_or_type: 0,
+            members: vec![],
+            array: None,
+        }];
         let mut pos = 0;
         while pos < types_bytes.len() {
             let name_off = u32_at(types_bytes, pos)?;
@@ -121,7 +130,13 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
-            let mut t = Type { name_off, kind, size_or_type, members: vec![], array: None };
+            let mut t = Type {
+                name_off,
+                kind,
+                size_or_type,
+                members: vec![],
+                array: None,
+            };
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => pos += 4,
                 KIND_ARRAY => {
@@ -131,8 +146,11 @@ impl Btf {
                 KIND_STRUCT | KIND_UNION => {
                     for _ in 0..vlen {
                         let offset = u32_at(types_bytes, pos + 8)?;
-                        let (bit_offset, bitfield_size) =
-                            if kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
+                        let (bit_offset, bitfield_size) = if kind_flag {
+                            (offset & 0xff_ffff, offset >> 24)
+                        } else {
+                            (offset, 0)
+                        };
                         t.members.push(Member {
                             name_off: u32_at(types_bytes, pos)?,
                             type_id: u32_at(types_bytes, pos + 4)?,
@@ -149,7 +167,11 @@ impl Btf {
             }
             types.push(t);
         }
-        let mut btf = Self { types, strings, structs: HashMap::new() };
+        let mut btf = Self {
+            types,
+            strings,
+            structs: HashMap::new(),
+        };
         for (id, t) in btf.types.iter().enumerate() {
             if t.kind == KIND_STRUCT && t.name_off != 0 {
                 let name = btf.name(t.name_off).to_string();
@@ -215,7 +237,10 @@ impl Btf {
 
     /// Offset of `member` (possibly inside anonymous unions) in struct `name`.
     pub fn member(&self, strukt: &str, member: &str) -> Result<MemberInfo, BtfError> {
-        let id = *self.structs.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         let ty = &self.types[id as usize];
         self.find(ty, member, 0)
             .ok_or_else(|| BtfError::NoMember(strukt.into(), member.into()))
@@ -225,7 +250,12 @@ impl Btf {
     fn field(&self, strukt: &str, member: &str, size: u32) -> Result<u32, BtfError> {
         let m = self.member(strukt, member)?;
         if m.bitfield || m.size != size {
-            return Err(BtfError::UnexpectedLayout(strukt.into(), member.into(), m.size, size));
+            return Err(BtfError::UnexpectedLayout(
+                strukt.into(),
+                member.into(),
+                m.size,
+                size,
+            ));
         }
         Ok(m.offset)
     }
@@ -281,7 +311,13 @@ mod tests {
             }
         }
         let mut out = vec![0x9f, 0xeb, 1, 0];
-        for w in [24u32, 0, tbytes.len() as u32, tbytes.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            tbytes.len() as u32,
+            tbytes.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out.extend_from_slice(&tbytes);
@@ -294,14 +330,28 @@ mod tests {
         // strings: 0:"" 1:"u16" 5:"s" 7:"a" 9:"b" 11:"t"
         let strings = b"\0u16\0s\0a\0b\0t\0";
         let types = vec![
-            (1, KIND_INT << 24, 2, vec![16]),                    // 1: u16
-            (11, KIND_TYPEDEF << 24, 1, vec![]),                 // 2: t = u16
-            (0, (KIND_UNION << 24) | 1, 2, vec![9, 2, 0]),       // 3: union { t b; }
+            (1, KIND_INT << 24, 2, vec![16]),                         // 1: u16
+            (11, KIND_TYPEDEF << 24, 1, vec![]),                      // 2: t = u16
+            (0, (KIND_UNION << 24) | 1, 2, vec![9, 2, 0]),            // 3: union { t b; }
             (5, (KIND_STRUCT << 24) | 2, 8, vec![7, 1, 0, 0, 3, 32]), // 4: struct s { u16 a; union @4 }
         ];
         let btf = Btf::parse(&blob(&types, strings)).unwrap();
-        assert_eq!(btf.member("s", "a").unwrap(), MemberInfo { offset: 0, size: 2, bitfield: false });
-        assert_eq!(btf.member("s", "b").unwrap(), MemberInfo { offset: 4, size: 2, bitfield: false });
+        assert_eq!(
+            btf.member("s", "a").unwrap(),
+            MemberInfo {
+                offset: 0,
+                size: 2,
+                bitfield: false
+            }
+        );
+        assert_eq!(
+            btf.member("s", "b").unwrap(),
+            MemberInfo {
+                offset: 4,
+                size: 2,
+                bitfield: false
+            }
+        );
         assert!(matches!(btf.member("s", "c"), Err(BtfError::NoMember(..))));
         assert!(matches!(btf.member("x", "a"), Err(BtfError::NoStruct(..))));
     }
@@ -312,11 +362,19 @@ mod tests {
         let types = vec![
             (1, KIND_INT << 24, 2, vec![16]),
             // kind_flag set: offset word = (bitfield size << 24) | bit offset
-            (5, (1 << 31) | (KIND_STRUCT << 24) | 1, 4, vec![7, 1, (4 << 24) | 8]),
+            (
+                5,
+                (1 << 31) | (KIND_STRUCT << 24) | 1,
+                4,
+                vec![7, 1, (4 << 24) | 8],
+            ),
         ];
         let btf = Btf::parse(&blob(&types, strings)).unwrap();
         assert!(btf.member("s", "a").unwrap().bitfield);
-        assert!(matches!(btf.field("s", "a", 2), Err(BtfError::UnexpectedLayout(..))));
+        assert!(matches!(
+            btf.field("s", "a", 2),
+            Err(BtfError::UnexpectedLayout(..))
+        ));
     }
 
     #[test]
@@ -341,7 +399,10 @@ mod tests {
         assert_ne!(o.skc_v6_daddr, o.skc_v6_rcv_saddr);
         // tcp_sock's own fields lie past the struct sock it starts with.
         let sock_size = btf.size_of(btf.structs["sock"]);
-        assert!(o.tcp_write_seq >= sock_size && o.tcp_copied_seq >= sock_size, "{o:?}");
+        assert!(
+            o.tcp_write_seq >= sock_size && o.tcp_copied_seq >= sock_size,
+            "{o:?}"
+        );
         assert_ne!(o.tcp_write_seq, o.tcp_copied_seq);
     }
 }

@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::{Bytes, BytesMut};
 
 use agent_common::{
-    ConnTuple, COMM_LEN, EventHeader, AF_INET, AF_INET6, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
-    FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, ROLE_CLIENT, ROLE_SERVER,
+    ConnTuple, EventHeader, AF_INET, AF_INET6, COMM_LEN, DIR_EGRESS, DIR_INGRESS,
+    EVENT_HEADER_SIZE, FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
+    ROLE_CLIENT, ROLE_SERVER,
 };
 
 /// One connection: the kernel `struct sock` address plus the time its record
@@ -231,7 +232,10 @@ pub fn decode(record: &[u8], arena: &mut BytesMut) -> Result<Chunk, DecodeError>
     };
     let (local, remote) = addrs(&h.tuple)?;
     Ok(Chunk {
-        conn: ConnId { sock: h.sock, start_ns: h.conn_start_ns },
+        conn: ConnId {
+            sock: h.sock,
+            start_ns: h.conn_start_ns,
+        },
         kind,
         seq: h.seq,
         ts_enter_ns: h.ts_enter_ns,
@@ -262,14 +266,19 @@ pub fn decode(record: &[u8], arena: &mut BytesMut) -> Result<Chunk, DecodeError>
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use agent_common::{SYS_WRITE, SYS_READ};
+    use agent_common::{SYS_READ, SYS_WRITE};
 
     pub(crate) fn decode_one(record: &[u8]) -> Result<Chunk, DecodeError> {
         decode(record, &mut BytesMut::new())
     }
 
     pub(crate) fn header(kind: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
-        let mut t = ConnTuple { family: AF_INET, local_port: 8080, remote_port: 40000, ..Default::default() };
+        let mut t = ConnTuple {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 40000,
+            ..Default::default()
+        };
         t.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
         t.remote_addr[..4].copy_from_slice(&[127, 0, 0, 2]);
         let mut c = [0u8; 16];
@@ -316,7 +325,13 @@ pub(crate) mod tests {
         assert_eq!(c.local.to_string(), "127.0.0.1:8080");
         assert_eq!(c.remote.to_string(), "127.0.0.2:40000");
         assert_eq!((c.role, c.direction), (Role::Server, Direction::Ingress));
-        assert_eq!(c.conn, ConnId { sock: 0xffff_8880_0000_1000, start_ns: 5 });
+        assert_eq!(
+            c.conn,
+            ConnId {
+                sock: 0xffff_8880_0000_1000,
+                start_ns: 5
+            }
+        );
         assert_ne!(c.syscall, SYS_WRITE);
     }
 
@@ -329,7 +344,10 @@ pub(crate) mod tests {
         raw[6] = b'x';
         assert_eq!(Comm::new(raw).as_str(), "nginx");
         assert_eq!(Comm::new([b'a'; COMM_LEN]).as_str().len(), COMM_LEN);
-        assert_eq!(Comm::from("a-very-long-process-name").as_str(), "a-very-long-pro");
+        assert_eq!(
+            Comm::from("a-very-long-process-name").as_str(),
+            "a-very-long-pro"
+        );
     }
 
     #[test]
@@ -337,13 +355,24 @@ pub(crate) mod tests {
         assert_eq!(decode_one(&[0u8; 10]), Err(DecodeError::Short(10)));
         let mut r = header(KIND_DATA, 0, b"abcdef");
         r.truncate(r.len() - 2);
-        assert_eq!(decode_one(&r), Err(DecodeError::PayloadOutOfRange { captured: 6, available: 4 }));
+        assert_eq!(
+            decode_one(&r),
+            Err(DecodeError::PayloadOutOfRange {
+                captured: 6,
+                available: 4
+            })
+        );
         assert_eq!(decode_one(&header(9, 0, b"")), Err(DecodeError::Kind(9)));
     }
 
     #[test]
     fn v4_mapped_v6_addresses_print_as_v4() {
-        let mut t = ConnTuple { family: AF_INET6, local_port: 1, remote_port: 2, ..Default::default() };
+        let mut t = ConnTuple {
+            family: AF_INET6,
+            local_port: 1,
+            remote_port: 2,
+            ..Default::default()
+        };
         t.local_addr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
         t.remote_addr = Ipv6Addr::LOCALHOST.octets();
         let (l, r) = addrs(&t).unwrap();

@@ -113,7 +113,13 @@ impl CaptureConfig {
         if !self.ports.is_empty() {
             filter |= FILTER_PORT;
         }
-        Ok(Config { agent_tgid, filter, capture_cap: self.capture_bytes, nr_cpus, offsets })
+        Ok(Config {
+            agent_tgid,
+            filter,
+            capture_cap: self.capture_bytes,
+            nr_cpus,
+            offsets,
+        })
     }
 
     /// Process names as the kernel stores them: NUL padded, at most 15 bytes.
@@ -211,23 +217,34 @@ impl Capture {
             .map_max_entries(MAP_SLOTS, 2 * cpus)
             .load(OBJECT)?;
 
-        fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
+        fn map<'a>(
+            ebpf: &'a mut Ebpf,
+            name: &'static str,
+        ) -> Result<&'a mut aya::maps::Map, CaptureError> {
             ebpf.map_mut(name).ok_or(CaptureError::MissingMap(name))
         }
         let mut pids: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_PIDS)?).map_err(|e| CaptureError::Map(MAP_FILTER_PIDS, e))?;
+            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_PIDS)?)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_PIDS, e))?;
         for p in &cfg.pids {
-            pids.insert(p, 1, 0).map_err(|e| CaptureError::Map(MAP_FILTER_PIDS, e))?;
+            pids.insert(p, 1, 0)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_PIDS, e))?;
         }
         let mut comm_map: BpfHashMap<_, [u8; COMM_LEN], u8> =
-            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_COMMS)?).map_err(|e| CaptureError::Map(MAP_FILTER_COMMS, e))?;
+            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_COMMS)?)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_COMMS, e))?;
         for c in &comms {
-            comm_map.insert(c, 1, 0).map_err(|e| CaptureError::Map(MAP_FILTER_COMMS, e))?;
+            comm_map
+                .insert(c, 1, 0)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_COMMS, e))?;
         }
         let mut ports: BpfHashMap<_, u16, u8> =
-            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_PORTS)?).map_err(|e| CaptureError::Map(MAP_FILTER_PORTS, e))?;
+            BpfHashMap::try_from(map(&mut ebpf, MAP_FILTER_PORTS)?)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_PORTS, e))?;
         for p in &cfg.ports {
-            ports.insert(p, 1, 0).map_err(|e| CaptureError::Map(MAP_FILTER_PORTS, e))?;
+            ports
+                .insert(p, 1, 0)
+                .map_err(|e| CaptureError::Map(MAP_FILTER_PORTS, e))?;
         }
 
         for (name, category, tp) in PROGRAMS {
@@ -237,14 +254,25 @@ impl Capture {
                 .try_into()
                 .map_err(|e| CaptureError::Program(name, e))?;
             prog.load().map_err(|e| CaptureError::Program(name, e))?;
-            prog.attach(category, tp).map_err(|e| CaptureError::Program(name, e))?;
+            prog.attach(category, tp)
+                .map_err(|e| CaptureError::Program(name, e))?;
         }
 
-        let ring = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).ok_or(CaptureError::MissingMap(MAP_EVENTS))?)
-            .map_err(|e| CaptureError::Map(MAP_EVENTS, e))?;
-        let counters = PerCpuArray::try_from(ebpf.take_map(MAP_COUNTERS).ok_or(CaptureError::MissingMap(MAP_COUNTERS))?)
-            .map_err(|e| CaptureError::Map(MAP_COUNTERS, e))?;
-        tracing::info!(programs = PROGRAMS.len(), cap = cfg.capture_bytes, "capture attached");
+        let ring = RingBuf::try_from(
+            ebpf.take_map(MAP_EVENTS)
+                .ok_or(CaptureError::MissingMap(MAP_EVENTS))?,
+        )
+        .map_err(|e| CaptureError::Map(MAP_EVENTS, e))?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(MAP_COUNTERS)
+                .ok_or(CaptureError::MissingMap(MAP_COUNTERS))?,
+        )
+        .map_err(|e| CaptureError::Map(MAP_COUNTERS, e))?;
+        tracing::info!(
+            programs = PROGRAMS.len(),
+            cap = cfg.capture_bytes,
+            "capture attached"
+        );
         Ok(Self {
             _ebpf: ebpf,
             ring,
@@ -335,7 +363,10 @@ fn run_drain_loop(
 }
 
 /// The drain thread: its chunk queue, and its final counters when joined.
-pub type Drain = (std::sync::mpsc::Receiver<Vec<Chunk>>, thread::JoinHandle<(KernelCounters, UserCounters)>);
+pub type Drain = (
+    std::sync::mpsc::Receiver<Vec<Chunk>>,
+    thread::JoinHandle<(KernelCounters, UserCounters)>,
+);
 
 /// Batches in flight between the drain thread and the next stage; beyond
 /// this, batches are dropped and counted (`queue_full_chunks`).
@@ -357,7 +388,10 @@ pub fn spawn_drain(
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid clock id and out pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -383,19 +417,34 @@ mod tests {
         let off = agent_common::KernelOffsets::default();
         let mut c = CaptureConfig::default();
         assert_eq!(c.kernel_config(7, 2, off).unwrap().filter, 0);
-        assert!(matches!(c.kernel_config(7, 0, off), Err(CaptureError::Cpus(0))));
-        assert!(matches!(c.kernel_config(7, MAX_CPUS + 1, off), Err(CaptureError::Cpus(_))));
+        assert!(matches!(
+            c.kernel_config(7, 0, off),
+            Err(CaptureError::Cpus(0))
+        ));
+        assert!(matches!(
+            c.kernel_config(7, MAX_CPUS + 1, off),
+            Err(CaptureError::Cpus(_))
+        ));
         c.pids = vec![1];
         c.ports = vec![80];
         let k = c.kernel_config(7, 2, off).unwrap();
-        assert_eq!((k.agent_tgid, k.filter, k.capture_cap), (7, FILTER_PID | FILTER_PORT, 4096));
+        assert_eq!(
+            (k.agent_tgid, k.filter, k.capture_cap),
+            (7, FILTER_PID | FILTER_PORT, 4096)
+        );
         c.comms = vec!["nginx".into()];
-        assert_eq!(c.kernel_config(7, 2, off).unwrap().filter, FILTER_PID | FILTER_PORT | FILTER_COMM);
+        assert_eq!(
+            c.kernel_config(7, 2, off).unwrap().filter,
+            FILTER_PID | FILTER_PORT | FILTER_COMM
+        );
         let key = c.comm_keys().unwrap()[0];
         assert_eq!(&key[..6], b"nginx\0");
         for bad in [0, MAX_CAPTURE as u32 + 1] {
             c.capture_bytes = bad;
-            assert!(matches!(c.kernel_config(7, 2, off), Err(CaptureError::Cap(_))));
+            assert!(matches!(
+                c.kernel_config(7, 2, off),
+                Err(CaptureError::Cap(_))
+            ));
         }
         c.comms = vec!["a-very-long-process-name".into()];
         assert!(matches!(c.comm_keys(), Err(CaptureError::Comm(_))));

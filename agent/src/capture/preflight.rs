@@ -36,14 +36,24 @@ pub fn caps_sufficient(caps: u64) -> bool {
 }
 
 fn tracefs_present() -> bool {
-    [TRACEFS, DEBUGFS_TRACING].iter().any(|p| Path::new(p).join("events").is_dir())
+    [TRACEFS, DEBUGFS_TRACING]
+        .iter()
+        .any(|p| Path::new(p).join("events").is_dir())
 }
 
 fn mount_tracefs() -> Result<(), String> {
     let c = |s: &str| std::ffi::CString::new(s).map_err(|e| e.to_string());
     let (src, target, fstype) = (c("tracefs")?, c(TRACEFS)?, c("tracefs")?);
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error().to_string());
     }
@@ -63,7 +73,9 @@ pub fn check() -> Result<(), PreflightError> {
     if !tracefs_present() {
         mount_tracefs().map_err(PreflightError::NoTracefs)?;
         if !tracefs_present() {
-            return Err(PreflightError::NoTracefs("no events directory after mounting".into()));
+            return Err(PreflightError::NoTracefs(
+                "no events directory after mounting".into(),
+            ));
         }
     }
     Ok(())

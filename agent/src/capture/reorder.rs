@@ -46,7 +46,9 @@ struct StreamPos {
 fn extend(reference: u64, low: u32) -> u64 {
     let delta = i64::from(low.wrapping_sub(reference as u32) as i32);
     // Below 0 only for nonsense input: keep the raw value rather than wrap.
-    reference.checked_add_signed(delta).unwrap_or(u64::from(low))
+    reference
+        .checked_add_signed(delta)
+        .unwrap_or(u64::from(low))
 }
 
 struct ConnOrder {
@@ -94,7 +96,12 @@ pub struct Reorder {
 
 impl Default for Reorder {
     fn default() -> Self {
-        Self { conns: ConnMap::default(), stats: ReorderStats::default(), now: Instant::now(), passes: 0 }
+        Self {
+            conns: ConnMap::default(),
+            stats: ReorderStats::default(),
+            now: Instant::now(),
+            passes: 0,
+        }
     }
 }
 
@@ -187,7 +194,12 @@ impl Reorder {
     }
 
     fn skip_gap(st: &mut ConnOrder, stats: &mut ReorderStats) {
-        let first = st.held.keys().next().copied().or_else(|| st.close.as_ref().map(|c| c.seq));
+        let first = st
+            .held
+            .keys()
+            .next()
+            .copied()
+            .or_else(|| st.close.as_ref().map(|c| c.seq));
         if let Some(first) = first {
             if first > st.next {
                 stats.gaps += first - st.next;
@@ -205,7 +217,8 @@ impl Reorder {
         self.now = now;
         self.passes += 1;
         if self.passes.is_multiple_of(SWEEP_EVERY) {
-            self.conns.retain(|_, st| now.duration_since(st.seen) < IDLE);
+            self.conns
+                .retain(|_, st| now.duration_since(st.seen) < IDLE);
         }
         let stats = &mut self.stats;
         self.conns.retain(|_, st| {
@@ -233,8 +246,8 @@ impl Reorder {
 mod tests {
     use super::*;
     use crate::capture::event::tests::{decode_one as decode, header};
-    use std::time::Duration;
     use agent_common::{KIND_CLOSE, KIND_DATA};
+    use std::time::Duration;
 
     fn data(seq: u64) -> Chunk {
         decode(&header(KIND_DATA, seq, b"x")).unwrap()
@@ -243,7 +256,9 @@ mod tests {
         decode(&header(KIND_CLOSE, seq, b"")).unwrap()
     }
     fn seqs(v: &[Chunk]) -> Vec<(u64, bool)> {
-        v.iter().map(|c| (c.seq, c.kind == ChunkKind::Close)).collect()
+        v.iter()
+            .map(|c| (c.seq, c.kind == ChunkKind::Close))
+            .collect()
     }
 
     #[test]
@@ -251,12 +266,55 @@ mod tests {
         // (input, expected output after pushes and two end_pass calls, gaps, late)
         type Case = (Vec<Chunk>, Vec<(u64, bool)>, u64, u64);
         let cases: Vec<(&str, Case)> = vec![
-            ("in order", (vec![data(0), data(1), data(2)], vec![(0, false), (1, false), (2, false)], 0, 0)),
-            ("swapped", (vec![data(1), data(0), data(2)], vec![(0, false), (1, false), (2, false)], 0, 0)),
-            ("close after data", (vec![data(0), close(2), data(1)], vec![(0, false), (1, false), (2, true)], 0, 0)),
-            ("lost chunk", (vec![data(0), data(2), data(3)], vec![(0, false), (2, false), (3, false)], 1, 0)),
-            ("lost before close", (vec![data(0), close(2)], vec![(0, false), (2, true)], 1, 0)),
-            ("late duplicate", (vec![data(0), data(1), data(0)], vec![(0, false), (1, false), (0, false)], 0, 1)),
+            (
+                "in order",
+                (
+                    vec![data(0), data(1), data(2)],
+                    vec![(0, false), (1, false), (2, false)],
+                    0,
+                    0,
+                ),
+            ),
+            (
+                "swapped",
+                (
+                    vec![data(1), data(0), data(2)],
+                    vec![(0, false), (1, false), (2, false)],
+                    0,
+                    0,
+                ),
+            ),
+            (
+                "close after data",
+                (
+                    vec![data(0), close(2), data(1)],
+                    vec![(0, false), (1, false), (2, true)],
+                    0,
+                    0,
+                ),
+            ),
+            (
+                "lost chunk",
+                (
+                    vec![data(0), data(2), data(3)],
+                    vec![(0, false), (2, false), (3, false)],
+                    1,
+                    0,
+                ),
+            ),
+            (
+                "lost before close",
+                (vec![data(0), close(2)], vec![(0, false), (2, true)], 1, 0),
+            ),
+            (
+                "late duplicate",
+                (
+                    vec![data(0), data(1), data(0)],
+                    vec![(0, false), (1, false), (0, false)],
+                    0,
+                    1,
+                ),
+            ),
         ];
         for (name, (input, want, gaps, late)) in cases {
             let mut r = Reorder::default();
@@ -286,7 +344,11 @@ mod tests {
             (0, u32::MAX, u64::from(u32::MAX)),
         ];
         for (reference, low, want) in cases {
-            assert_eq!(extend(reference, low), want, "extend({reference:#x}, {low:#x})");
+            assert_eq!(
+                extend(reference, low),
+                want,
+                "extend({reference:#x}, {low:#x})"
+            );
         }
     }
 
@@ -321,22 +383,45 @@ mod tests {
             (
                 "request, response, close",
                 (
-                    vec![at(0, E, 10, 0, 0), at(1, I, 20, 0, 10), at(2, E, 5, 10, 20), closed(3, 15, 20)],
+                    vec![
+                        at(0, E, 10, 0, 0),
+                        at(1, I, 20, 0, 10),
+                        at(2, E, 5, 10, 20),
+                        closed(3, 15, 20),
+                    ],
                     vec![(0, 0, 0), (1, 0, 10), (2, 10, 20), (3, 15, 20)],
                     0,
                     0,
                 ),
             ),
-            ("lost syscall entry", (vec![at(0, E, 10, 0, 0), at(1, E, 10, 30, 0)], vec![(0, 0, 0), (1, 30, 0)], 1, 20)),
-            ("lost first chunk", (vec![at(0, I, 10, 100, 0)], vec![(0, 100, 0)], 1, 100)),
+            (
+                "lost syscall entry",
+                (
+                    vec![at(0, E, 10, 0, 0), at(1, E, 10, 30, 0)],
+                    vec![(0, 0, 0), (1, 30, 0)],
+                    1,
+                    20,
+                ),
+            ),
+            (
+                "lost first chunk",
+                (vec![at(0, I, 10, 100, 0)], vec![(0, 100, 0)], 1, 100),
+            ),
             (
                 "lost record: seq and stream gap",
-                (vec![at(0, E, 10, 0, 0), at(2, E, 10, 25, 0)], vec![(0, 0, 0), (2, 25, 0)], 1, 15),
+                (
+                    vec![at(0, E, 10, 0, 0), at(2, E, 10, 25, 0)],
+                    vec![(0, 0, 0), (2, 25, 0)],
+                    1,
+                    15,
+                ),
             ),
             (
                 "wrap around 4 GiB",
                 (
-                    (0..6).map(|i| at(i, E, G + G / 2, i * (G + G / 2), 3 * G + i)).collect(),
+                    (0..6)
+                        .map(|i| at(i, E, G + G / 2, i * (G + G / 2), 3 * G + i))
+                        .collect(),
                     (0..6).map(|i| (i, i * (G + G / 2), 3 * G + i)).collect(),
                     0,
                     0,
@@ -345,7 +430,11 @@ mod tests {
             (
                 "gap across the wrap",
                 (
-                    vec![at(0, E, 3 * G, 0, 0), at(1, E, G, 4 * G + G / 2, 0), at(2, I, 1, 0, 5 * G + G / 2)],
+                    vec![
+                        at(0, E, 3 * G, 0, 0),
+                        at(1, E, G, 4 * G + G / 2, 0),
+                        at(2, I, 1, 0, 5 * G + G / 2),
+                    ],
                     vec![(0, 0, 0), (1, 4 * G + G / 2, 0), (2, 0, 5 * G + G / 2)],
                     1,
                     G + G / 2,
@@ -362,11 +451,21 @@ mod tests {
             ),
             (
                 "late connection: positions from the first chunk seen",
-                (vec![at(0, I, 7, 0, 0), at(1, E, 3, 0, 7)], vec![(0, 0, 0), (1, 0, 7)], 0, 0),
+                (
+                    vec![at(0, I, 7, 0, 0), at(1, E, 3, 0, 7)],
+                    vec![(0, 0, 0), (1, 0, 7)],
+                    0,
+                    0,
+                ),
             ),
             (
                 "late connection whose first record was lost",
-                (vec![at(1, I, 7, 7, 0), at(2, E, 3, 0, 14)], vec![(1, 7, 0), (2, 0, 14)], 1, 7),
+                (
+                    vec![at(1, I, 7, 7, 0), at(2, E, 3, 0, 14)],
+                    vec![(1, 7, 0), (2, 0, 14)],
+                    1,
+                    7,
+                ),
             ),
             (
                 "close reveals lost tails of both directions",
@@ -377,7 +476,15 @@ mod tests {
                     23,
                 ),
             ),
-            ("chunks without positions", (vec![at(0, E, 10, 0, 0), no_pos], vec![(0, 0, 0), (1, 999, 999)], 0, 0)),
+            (
+                "chunks without positions",
+                (
+                    vec![at(0, E, 10, 0, 0), no_pos],
+                    vec![(0, 0, 0), (1, 999, 999)],
+                    0,
+                    0,
+                ),
+            ),
         ];
         for (name, (input, want, gaps, gap_bytes)) in cases {
             let mut r = Reorder::default();
@@ -387,9 +494,14 @@ mod tests {
             }
             r.end_pass(&mut out);
             r.end_pass(&mut out);
-            let got: Vec<(u64, u64, u64)> = out.iter().map(|c| (c.seq, c.pos, c.peer_pos)).collect();
+            let got: Vec<(u64, u64, u64)> =
+                out.iter().map(|c| (c.seq, c.pos, c.peer_pos)).collect();
             assert_eq!(got, want, "{name}");
-            assert_eq!((r.stats.stream_gaps, r.stats.stream_gap_bytes), (gaps, gap_bytes), "{name}");
+            assert_eq!(
+                (r.stats.stream_gaps, r.stats.stream_gap_bytes),
+                (gaps, gap_bytes),
+                "{name}"
+            );
         }
     }
 
@@ -405,7 +517,10 @@ mod tests {
         r.push(at(1, Direction::Egress, 10, 10, 0), &mut out);
         let got: Vec<(u64, u64)> = out.iter().map(|c| (c.seq, c.pos)).collect();
         assert_eq!(got, vec![(0, 0), (2, 20), (1, 10)]);
-        assert_eq!((r.stats.late, r.stats.stream_gaps, r.stats.stream_gap_bytes), (1, 1, 10));
+        assert_eq!(
+            (r.stats.late, r.stats.stream_gaps, r.stats.stream_gap_bytes),
+            (1, 1, 10)
+        );
     }
 
     #[test]

@@ -35,8 +35,12 @@ pub fn parse_listeners(text: &str) -> Vec<(IpAddr, u16)> {
         if state != TCP_LISTEN {
             continue;
         }
-        let Some((addr, port)) = local.split_once(':') else { continue };
-        let Ok(port) = u16::from_str_radix(port, 16) else { continue };
+        let Some((addr, port)) = local.split_once(':') else {
+            continue;
+        };
+        let Ok(port) = u16::from_str_radix(port, 16) else {
+            continue;
+        };
         if let Some(ip) = parse_proc_ip(addr) {
             out.push((ip, port));
         }
@@ -87,7 +91,8 @@ impl RoleResolver {
 
     fn is_listening(&self, ip: IpAddr, port: u16) -> bool {
         let any: [IpAddr; 2] = [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()];
-        self.listeners.contains(&(ip, port)) || any.iter().any(|a| self.listeners.contains(&(*a, port)))
+        self.listeners.contains(&(ip, port))
+            || any.iter().any(|a| self.listeners.contains(&(*a, port)))
     }
 
     /// Role of a connection from its local address, given the listening set.
@@ -128,11 +133,15 @@ impl RoleResolver {
 
     /// Forgets connections idle for `IDLE` (checked at most once a minute).
     pub fn sweep(&mut self, now: Instant) {
-        if self.last_sweep.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(60))
+        {
             return;
         }
         self.last_sweep = Some(now);
-        self.known.retain(|_, (_, seen)| now.duration_since(*seen) < IDLE);
+        self.known
+            .retain(|_, (_, seen)| now.duration_since(*seen) < IDLE);
     }
 
     /// Connections currently remembered.
@@ -144,7 +153,12 @@ impl RoleResolver {
     fn with_listeners(l: &[(IpAddr, u16)]) -> Self {
         // Refreshed "in the future": the test never reads the real /proc.
         let refreshed = Some(Instant::now() + Duration::from_secs(3600));
-        Self { listeners: l.iter().copied().collect(), refreshed, known: ConnMap::default(), last_sweep: None }
+        Self {
+            listeners: l.iter().copied().collect(),
+            refreshed,
+            known: ConnMap::default(),
+            last_sweep: None,
+        }
     }
 }
 
@@ -166,7 +180,13 @@ mod tests {
     #[test]
     fn parses_proc_net_tcp() {
         let l = parse_listeners(TCP);
-        assert_eq!(l, vec![("127.0.0.1".parse().unwrap(), 8080), ("0.0.0.0".parse().unwrap(), 80)]);
+        assert_eq!(
+            l,
+            vec![
+                ("127.0.0.1".parse().unwrap(), 8080),
+                ("0.0.0.0".parse().unwrap(), 80)
+            ]
+        );
         let l6 = parse_listeners(TCP6);
         assert_eq!(
             l6,
@@ -204,7 +224,7 @@ mod tests {
         ]);
         let cases: [(&str, u16, Role); 4] = [
             ("127.0.0.1", 8080, Role::Server),
-            ("10.1.2.3", 80, Role::Server), // wildcard listener
+            ("10.1.2.3", 80, Role::Server),    // wildcard listener
             ("127.0.0.2", 8080, Role::Client), // other address, same port
             ("127.0.0.1", 45000, Role::Client),
         ];

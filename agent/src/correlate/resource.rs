@@ -49,7 +49,9 @@ pub fn env_value(environ: &[u8], key: &str) -> Option<String> {
 pub fn service_from_resource_attributes(v: &str) -> Option<String> {
     v.split(',').find_map(|kv| {
         let (k, val) = kv.split_once('=')?;
-        (k.trim() == "service.name").then(|| percent_decode(val.trim())).filter(|s| !s.is_empty())
+        (k.trim() == "service.name")
+            .then(|| percent_decode(val.trim()))
+            .filter(|s| !s.is_empty())
     })
 }
 
@@ -81,7 +83,12 @@ pub struct Resources {
 
 impl Resources {
     pub fn new(mappings: HashMap<String, String>) -> Self {
-        Self { mappings, host_name: host_name(), cache: HashMap::new(), order: Default::default() }
+        Self {
+            mappings,
+            host_name: host_name(),
+            cache: HashMap::new(),
+            order: Default::default(),
+        }
     }
 
     /// Resource of `pid` (named `comm` by the kernel), read from /proc once.
@@ -112,7 +119,10 @@ impl Resources {
             .or_else(|| self.mappings.get(exe))
             .cloned()
             .or_else(|| env_value(environ, "OTEL_SERVICE_NAME").filter(|s| !s.is_empty()))
-            .or_else(|| env_value(environ, "OTEL_RESOURCE_ATTRIBUTES").and_then(|v| service_from_resource_attributes(&v)))
+            .or_else(|| {
+                env_value(environ, "OTEL_RESOURCE_ATTRIBUTES")
+                    .and_then(|v| service_from_resource_attributes(&v))
+            })
             .unwrap_or_else(|| exe.to_string());
         let s = |v: &str| AttrValue::Str(v.to_string());
         let attributes = vec![
@@ -124,12 +134,18 @@ impl Resources {
             ("telemetry.sdk.language", s("rust")),
             ("telemetry.sdk.version", s(env!("CARGO_PKG_VERSION"))),
         ];
-        ProcessResource { service_name, attributes, pid }
+        ProcessResource {
+            service_name,
+            attributes,
+            pid,
+        }
     }
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -138,8 +154,10 @@ mod tests {
 
     #[test]
     fn service_name_precedence_table() {
-        let env_both = b"A=1\0OTEL_SERVICE_NAME=checkout\0OTEL_RESOURCE_ATTRIBUTES=service.name=other\0";
-        let env_attrs = b"OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod,service.name=cart%20svc\0";
+        let env_both =
+            b"A=1\0OTEL_SERVICE_NAME=checkout\0OTEL_RESOURCE_ATTRIBUTES=service.name=other\0";
+        let env_attrs =
+            b"OTEL_RESOURCE_ATTRIBUTES=deployment.environment=prod,service.name=cart%20svc\0";
         let env_none = b"PATH=/bin\0";
         let mapped = parse_mappings(&["python3=frontend".into()]).unwrap();
         // (mappings, comm, environ, expected service name)
@@ -154,9 +172,15 @@ mod tests {
         for (m, comm, env, want) in cases {
             let r = Resources::new(m.clone()).build(7, comm, "python3.11", env);
             assert_eq!(r.service_name, want);
-            assert_eq!(r.attributes[0], ("service.name", AttrValue::Str(want.to_string())));
+            assert_eq!(
+                r.attributes[0],
+                ("service.name", AttrValue::Str(want.to_string()))
+            );
             assert!(r.attributes.contains(&("process.pid", AttrValue::Int(7))));
-            assert!(r.attributes.contains(&("process.executable.name", AttrValue::Str("python3.11".to_string()))));
+            assert!(r.attributes.contains(&(
+                "process.executable.name",
+                AttrValue::Str("python3.11".to_string())
+            )));
         }
     }
 
@@ -164,7 +188,10 @@ mod tests {
     fn mapping_syntax() {
         assert!(parse_mappings(&["a=b".into(), "c=d=e".into()]).is_ok());
         for bad in ["ab", "=b", "a="] {
-            assert_eq!(parse_mappings(&[bad.into()]), Err(MappingError::Syntax(bad.into())));
+            assert_eq!(
+                parse_mappings(&[bad.into()]),
+                Err(MappingError::Syntax(bad.into()))
+            );
         }
     }
 
@@ -174,6 +201,9 @@ mod tests {
         let me = r.get(std::process::id(), "agent-test");
         assert_eq!(me.pid, std::process::id());
         assert!(!me.service_name.is_empty());
-        assert!(me.attributes.iter().any(|(k, v)| *k == "host.name" && *v != AttrValue::Str(String::new())));
+        assert!(me
+            .attributes
+            .iter()
+            .any(|(k, v)| *k == "host.name" && *v != AttrValue::Str(String::new())));
     }
 }

@@ -413,7 +413,11 @@ const H2_CANCEL: u32 = 8;
 
 /// `/package.Service/Method`: what gRPC paths look like.
 fn grpc_path(p: &str) -> bool {
-    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    };
     match p.strip_prefix('/').and_then(|r| r.split_once('/')) {
         Some((svc, m)) => ok(svc) && svc.contains('.') && ok(m) && !m.contains('.'),
         None => false,
@@ -437,7 +441,10 @@ impl<'a> Grpc<'a> {
             return None;
         }
         let grpc = match header(&ex.request_headers, "content-type") {
-            Some(ct) => ct.as_bytes().get(..16).is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc")),
+            Some(ct) => ct
+                .as_bytes()
+                .get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc")),
             // Joined mid-connection, the content-type is often an HPACK entry
             // the agent never saw: a POST to `/package.Service/Method` then
             // stands for it (the span is marked incomplete either way).
@@ -984,14 +991,23 @@ mod tests {
         assert_eq!(normalize_method("FOO"), "_OTHER");
     }
 
-    fn h2(mut e: HttpExchange, stream_id: u32, path: &str, grpc: Option<(&str, bool)>) -> HttpExchange {
+    fn h2(
+        mut e: HttpExchange,
+        stream_id: u32,
+        path: &str,
+        grpc: Option<(&str, bool)>,
+    ) -> HttpExchange {
         e.protocol = Protocol::Http2 { stream_id };
         e.method = "POST".into();
         e.target = path.into();
-        e.request_headers = [(":authority", "svc:50051"), (":scheme", "http"), ("content-type", "application/grpc+proto")]
-            .into_iter()
-            .filter(|h| grpc.is_some() || h.0 != "content-type")
-            .collect();
+        e.request_headers = [
+            (":authority", "svc:50051"),
+            (":scheme", "http"),
+            ("content-type", "application/grpc+proto"),
+        ]
+        .into_iter()
+        .filter(|h| grpc.is_some() || h.0 != "content-type")
+        .collect();
         if let Some((code, trailers_only)) = grpc {
             let t: Headers = [("grpc-status", code)].into_iter().collect();
             if trailers_only {
@@ -1007,12 +1023,51 @@ mod tests {
     fn http2_streams_pair_by_stream_id_on_one_connection() {
         let mut b = builder();
         let mut out = vec![];
-        let (c, s) = (("127.0.0.1:50000", "127.0.0.1:8080"), ("127.0.0.1:8080", "127.0.0.1:50000"));
+        let (c, s) = (
+            ("127.0.0.1:50000", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "127.0.0.1:50000"),
+        );
         // Two concurrent streams whose times overlap: only the stream id tells them apart.
-        b.push(h2(ex(Role::Server, s.0, s.1, &[], (112, 113, 120, 121)), 3, "/b", None), 0, &mut out);
-        b.push(h2(ex(Role::Server, s.0, s.1, &[], (110, 111, 130, 131)), 1, "/a", None), 0, &mut out);
-        b.push(h2(ex(Role::Client, c.0, c.1, &[], (100, 101, 140, 141)), 1, "/a", None), 0, &mut out);
-        b.push(h2(ex(Role::Client, c.0, c.1, &[], (102, 103, 142, 143)), 3, "/b", None), 0, &mut out);
+        b.push(
+            h2(
+                ex(Role::Server, s.0, s.1, &[], (112, 113, 120, 121)),
+                3,
+                "/b",
+                None,
+            ),
+            0,
+            &mut out,
+        );
+        b.push(
+            h2(
+                ex(Role::Server, s.0, s.1, &[], (110, 111, 130, 131)),
+                1,
+                "/a",
+                None,
+            ),
+            0,
+            &mut out,
+        );
+        b.push(
+            h2(
+                ex(Role::Client, c.0, c.1, &[], (100, 101, 140, 141)),
+                1,
+                "/a",
+                None,
+            ),
+            0,
+            &mut out,
+        );
+        b.push(
+            h2(
+                ex(Role::Client, c.0, c.1, &[], (102, 103, 142, 143)),
+                3,
+                "/b",
+                None,
+            ),
+            0,
+            &mut out,
+        );
         assert_eq!(out.len(), 4);
         for pair in out.chunks(2) {
             let (cl, sv) = (&pair[0], &pair[1]);
@@ -1021,8 +1076,14 @@ mod tests {
             assert_eq!(cl.attr("url.path"), sv.attr("url.path"));
             assert_eq!(cl.attr("http2.stream.id"), sv.attr("http2.stream.id"));
         }
-        assert_eq!(out[0].attr("network.protocol.version"), Some(&AttrValue::Str("2".into())));
-        assert_eq!(out[0].attr("server.address"), Some(&AttrValue::Str("svc".into())));
+        assert_eq!(
+            out[0].attr("network.protocol.version"),
+            Some(&AttrValue::Str("2".into()))
+        );
+        assert_eq!(
+            out[0].attr("server.address"),
+            Some(&AttrValue::Str("svc".into()))
+        );
         assert_eq!(out[0].attr("server.port"), Some(&AttrValue::Int(50051)));
     }
 
@@ -1043,22 +1104,50 @@ mod tests {
         for (i, (role, code, only, legacy, error, name)) in cases.into_iter().enumerate() {
             let mut b = builder().with_legacy_rpc_attributes(legacy);
             let mut out = vec![];
-            let e = h2(ex(role, "127.0.0.1:1", "127.0.0.1:2", &[], (1, 2, 3, 4)), 1, "/demo.v1.Echo/Unary", Some((code, only)));
+            let e = h2(
+                ex(role, "127.0.0.1:1", "127.0.0.1:2", &[], (1, 2, 3, 4)),
+                1,
+                "/demo.v1.Echo/Unary",
+                Some((code, only)),
+            );
             b.push(e, 0, &mut out);
             b.flush(u64::MAX, &mut out);
             let s = &out[0];
             assert_eq!(s.name, "demo.v1.Echo/Unary", "case {i}");
-            assert_eq!(s.attr("rpc.system.name"), Some(&AttrValue::Str("grpc".into())), "case {i}");
-            assert_eq!(s.attr("rpc.method"), Some(&AttrValue::Str("demo.v1.Echo/Unary".into())), "case {i}");
-            assert_eq!(s.attr("rpc.status_code"), Some(&AttrValue::Str(name.into())), "case {i}");
+            assert_eq!(
+                s.attr("rpc.system.name"),
+                Some(&AttrValue::Str("grpc".into())),
+                "case {i}"
+            );
+            assert_eq!(
+                s.attr("rpc.method"),
+                Some(&AttrValue::Str("demo.v1.Echo/Unary".into())),
+                "case {i}"
+            );
+            assert_eq!(
+                s.attr("rpc.status_code"),
+                Some(&AttrValue::Str(name.into())),
+                "case {i}"
+            );
             assert_eq!(s.attr("rpc.service").is_some(), legacy, "case {i}");
             if legacy {
-                assert_eq!(s.attr("rpc.service"), Some(&AttrValue::Str("demo.v1.Echo".into())), "case {i}");
-                assert_eq!(s.attr("rpc.grpc.status_code"), Some(&AttrValue::Int(code.parse().unwrap())), "case {i}");
+                assert_eq!(
+                    s.attr("rpc.service"),
+                    Some(&AttrValue::Str("demo.v1.Echo".into())),
+                    "case {i}"
+                );
+                assert_eq!(
+                    s.attr("rpc.grpc.status_code"),
+                    Some(&AttrValue::Int(code.parse().unwrap())),
+                    "case {i}"
+                );
             }
             assert_eq!(matches!(s.status, Status::Error(_)), error, "case {i}");
             assert_eq!(s.attr("error.type").is_some(), error, "case {i}");
-            assert!(s.attr("http.request.method").is_none() && s.attr("url.path").is_none(), "case {i}");
+            assert!(
+                s.attr("http.request.method").is_none() && s.attr("url.path").is_none(),
+                "case {i}"
+            );
         }
     }
 }

@@ -1062,7 +1062,9 @@ impl Conn {
         out: &mut Vec<HttpExchange>,
     ) {
         let target = self.pending.iter().position(|p| !p.resp_done);
-        let is_connect = target.and_then(|i| self.pending.get(i)).is_some_and(|p| p.is_connect);
+        let is_connect = target
+            .and_then(|i| self.pending.get(i))
+            .is_some_and(|p| p.is_connect);
         let status = head.status;
         if status == 101 || (is_connect && (200..300).contains(&status)) {
             self.switch_protocols(st, target, head, ctx, chunk, out);
@@ -1073,7 +1075,9 @@ impl Conn {
             return;
         }
         let target = self.response_target(st.head_pos, ctx);
-        let is_head = target.and_then(|i| self.pending.get(i)).is_some_and(|p| p.is_head);
+        let is_head = target
+            .and_then(|i| self.pending.get(i))
+            .is_some_and(|p| p.is_head);
         let body = response_body(&head, is_head);
         let Some(p) = target.and_then(|i| self.pending.get_mut(i)) else {
             ctx.c.orphan_responses += 1;
@@ -1124,7 +1128,12 @@ impl Conn {
                     _ => Some(i),
                 };
             }
-            let next = self.pending.iter().skip(i + 1).position(|p| !p.resp_done).map(|j| i + 1 + j);
+            let next = self
+                .pending
+                .iter()
+                .skip(i + 1)
+                .position(|p| !p.resp_done)
+                .map(|j| i + 1 + j);
             let reached = next
                 .and_then(|j| self.pending.get(j))
                 .and_then(|n| n.resp_floor)
@@ -1284,7 +1293,7 @@ impl Conn {
                     req_done: true,
                     resp_done: false,
                     resp_floor: None,
-                        });
+                });
             }
             Side::Resp => {
                 if let Some(i) = self.pending.iter().position(|p| !p.resp_done) {
@@ -2716,22 +2725,45 @@ mod tests {
             ),
             (
                 "a response lost just before the close is not an aborted exchange",
-                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, &r404, false), (Out, "CLOSE", true)],
+                vec![
+                    (In, &a, true),
+                    (Out, &r200, true),
+                    (In, &b, true),
+                    (Out, &r404, false),
+                    (Out, "CLOSE", true),
+                ],
                 vec![("/a", 200)],
             ),
             (
                 "a request unanswered at the close is aborted",
-                vec![(In, &a, true), (Out, &r200, true), (In, &b, true), (Out, "CLOSE", true)],
+                vec![
+                    (In, &a, true),
+                    (Out, &r200, true),
+                    (In, &b, true),
+                    (Out, "CLOSE", true),
+                ],
                 vec![("/a", 200), ("/b", 0)],
             ),
             (
                 "pipelined, nothing lost",
-                vec![(In, &ab, true), (Out, &r200, true), (Out, &r404, true), (In, &c, true), (Out, &r500, true)],
+                vec![
+                    (In, &ab, true),
+                    (Out, &r200, true),
+                    (Out, &r404, true),
+                    (In, &c, true),
+                    (Out, &r500, true),
+                ],
                 vec![("/a", 200), ("/b", 404), ("/c", 500)],
             ),
             (
                 "pipelined, a response lost: what cannot be told apart is dropped",
-                vec![(In, &ab, true), (Out, &r200, true), (Out, &r404, false), (In, &c, true), (Out, &r500, true)],
+                vec![
+                    (In, &ab, true),
+                    (Out, &r200, true),
+                    (Out, &r404, false),
+                    (In, &c, true),
+                    (Out, &r500, true),
+                ],
                 vec![("/a", 200)],
             ),
         ];

@@ -98,10 +98,19 @@ impl Decoder {
         if chunk.kind == ChunkKind::Close && chunk.has_pos {
             // A close gives both directions' ends: a lost tail shows there.
             let next = st.next;
-            for (d, end) in [(Direction::Egress, chunk.pos), (Direction::Ingress, chunk.peer_pos)] {
+            for (d, end) in [
+                (Direction::Egress, chunk.pos),
+                (Direction::Ingress, chunk.peer_pos),
+            ] {
                 let gap = next[dir_slot(d)].map_or(0, |n| end.saturating_sub(n));
                 if gap > 0 {
-                    let at = Chunk { kind: ChunkKind::Data, direction: d, pos: end, len: 0, ..chunk.clone() };
+                    let at = Chunk {
+                        kind: ChunkKind::Data,
+                        direction: d,
+                        pos: end,
+                        len: 0,
+                        ..chunk.clone()
+                    };
                     self.gap_bytes += gap;
                     match kind {
                         Kind::Http2 => self.http2.gap(&chunk.conn, d, gap, out),
@@ -110,7 +119,9 @@ impl Decoder {
                 }
             }
         }
-        let Some(st) = self.kinds.get_mut(&chunk.conn) else { return };
+        let Some(st) = self.kinds.get_mut(&chunk.conn) else {
+            return;
+        };
         let gap = advance(&mut st.next, chunk);
         if gap > 0 {
             self.gap_bytes += gap;

@@ -1092,15 +1092,32 @@ mod tests {
             let c = resolve(None, &v).unwrap().unwrap();
             (c.max_queue_spans, c.max_batch_spans, c.batch_delay)
         };
-        let d = (DEFAULT_MAX_QUEUE_SPANS, DEFAULT_MAX_BATCH_SPANS, DEFAULT_BATCH_DELAY);
+        let d = (
+            DEFAULT_MAX_QUEUE_SPANS,
+            DEFAULT_MAX_BATCH_SPANS,
+            DEFAULT_BATCH_DELAY,
+        );
         assert_eq!(c(&[]), d);
         assert_eq!(
-            c(&[("OTEL_BSP_MAX_QUEUE_SIZE", "1000"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100"), ("OTEL_BSP_SCHEDULE_DELAY", "250")]),
+            c(&[
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "1000"),
+                ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "100"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "250")
+            ]),
             (1000, 100, Duration::from_millis(250))
         );
         // A batch never exceeds the queue; invalid values keep the defaults.
-        assert_eq!(c(&[("OTEL_BSP_MAX_QUEUE_SIZE", "100")]), (100, 100, DEFAULT_BATCH_DELAY));
-        assert_eq!(c(&[("OTEL_BSP_MAX_QUEUE_SIZE", "0"), ("OTEL_BSP_SCHEDULE_DELAY", "x")]), d);
+        assert_eq!(
+            c(&[("OTEL_BSP_MAX_QUEUE_SIZE", "100")]),
+            (100, 100, DEFAULT_BATCH_DELAY)
+        );
+        assert_eq!(
+            c(&[
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "x")
+            ]),
+            d
+        );
     }
 
     #[test]
