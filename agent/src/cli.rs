@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::capture::CaptureConfig;
+use crate::correlate::spans::ThreadLink;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +51,16 @@ pub struct TraceArgs {
     /// overrides OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
     #[arg(long, value_name = "RATIO", value_parser = parse_ratio, global = true)]
     pub sampler_ratio: Option<f64>,
-    /// How long an exchange waits for the other end of its connection (ms).
-    #[arg(long, default_value_t = 300, global = true)]
-    pub pair_window_ms: u64,
+    /// Trace assembly window (ms): how long a finished span is held for the
+    /// other end of its request on this host, and how long a finished request
+    /// is remembered for links that resolve late.
+    #[arg(long, alias = "pair-window-ms", default_value_t = 2000, global = true)]
+    pub assembly_window_ms: u64,
+    /// A CLIENT request without trace context, sent by a thread that has
+    /// several received requests open (an event loop): `none` gives it no
+    /// parent (never a wrong one), `most-recent` the newest of them.
+    #[arg(long, value_enum, default_value_t = ThreadLink::None, global = true)]
+    pub thread_link: ThreadLink,
     /// Leave out the pre-2026 gRPC attributes (`rpc.system`, `rpc.service`,
     /// `rpc.grpc.status_code`) and keep only the current conventions' ones.
     #[arg(long, global = true)]

@@ -78,7 +78,8 @@ fn run_trace(
         sampler,
         sink,
         service_names: resource::parse_mappings(&targs.service_names)?,
-        pair_window: Duration::from_millis(targs.pair_window_ms),
+        pair_window: Duration::from_millis(targs.assembly_window_ms),
+        thread_link: targs.thread_link,
         legacy_rpc_attributes: !targs.no_legacy_rpc_attributes,
         stats_every: cargs.stats_every(),
     };

@@ -60,7 +60,10 @@ pub struct TraceOptions {
     pub sampler: Sampler,
     pub sink: SinkConfig,
     pub service_names: HashMap<String, String>,
+    /// How long a finished span waits for the other end of its request on this host.
     pub pair_window: Duration,
+    /// CLIENT requests from a thread with several requests open.
+    pub thread_link: crate::correlate::spans::ThreadLink,
     /// Also set the older gRPC attribute names (see `SpanBuilder`).
     pub legacy_rpc_attributes: bool,
     pub stats_every: Option<Duration>,
@@ -160,14 +163,16 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             .map_err(PipelineError::Thread)?;
 
     let offset = capture::monotonic_to_unix_offset_ns();
-    let mut decoder = Decoder::default();
+    let mut decoder = Decoder::default().keep_starts();
     let mut builder = SpanBuilder::new(opts.sampler, offset, opts.pair_window.as_nanos() as u64)
-        .with_legacy_rpc_attributes(opts.legacy_rpc_attributes);
+        .with_legacy_rpc_attributes(opts.legacy_rpc_attributes)
+        .with_thread_link(opts.thread_link);
     let mut resources = Resources::new(opts.service_names);
     let mut protos = ProtoResources::default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut exchanges = Vec::new();
+    let mut starts = Vec::new();
     let mut spans = Vec::new();
     let mut stats = Stats::default();
     let mut last_stats = Instant::now();
@@ -185,9 +190,8 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
                     }
                 }
                 let now = capture::monotonic_now_ns();
-                for ex in exchanges.drain(..) {
-                    builder.push(ex, now, &mut spans);
-                }
+                decoder.take_starts(&mut starts);
+                builder.push_batch(&mut starts, &mut exchanges, now, &mut spans);
                 deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -284,6 +288,13 @@ impl Stats {
             server_spans = s.server_spans,
             client_spans = s.client_spans,
             paired = s.paired,
+            linked_by_trace = s.linked_by_trace,
+            linked_by_thread = s.linked_by_thread,
+            sdk_parents = s.sdk_parents,
+            ambiguous_trace = s.ambiguous_trace,
+            ambiguous_thread = s.ambiguous_thread,
+            late_starts = s.late_starts,
+            links_evicted = s.evicted,
             sampled_out = s.sampled_out,
             unknown_role = s.unknown_role,
             context_w3c = s.context_w3c,

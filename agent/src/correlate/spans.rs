@@ -1,17 +1,43 @@
-//! HTTP exchanges -> spans.
+//! HTTP exchanges -> spans, linked into whole traces.
 //!
 //! Each exchange becomes a SERVER span (the traced process received the
-//! request) or a CLIENT span (it sent it). Trace ids and parents come from the
-//! context in the request headers when there is one. When the agent sees both
-//! ends of one connection on this host (the client's exchange on `A -> B` and
-//! the server's on `B -> A`, overlapping in time), they are paired: each span
-//! gets the other side's two moments as events (client send, server receive,
-//! server send, client receive), and a server span whose request carried no
-//! context joins the client span's trace as its child. Unpaired exchanges wait
-//! `pair_window` for their peer, then go out alone.
+//! request) or a CLIENT span (it sent it). A span's ids are decided when its
+//! request head is read ([`RequestStart`]), not when its response ends, so
+//! that the calls a request causes can name it as their parent while it is
+//! still being served. The parent rules, in order:
+//!
+//! 1. SERVER whose request a CLIENT span of this agent sent (the mirrored
+//!    connection on this host, the same HTTP/2 stream, the next unmatched
+//!    request in the connection's order): that CLIENT span, whatever headers
+//!    the request carries; its trace.
+//! 2. SERVER whose request carries context: the header's span, its trace.
+//! 3. CLIENT sent while its process served a SERVER span (in-process link,
+//!    below): that SERVER span, unless the outgoing context names a span that
+//!    is neither one of the agent's in that process nor the one the SERVER's
+//!    request carried (forwarded unchanged): an SDK in the app made that span,
+//!    and it is the parent.
+//! 4. CLIENT whose request carries context: the header's span.
+//! 5. Otherwise a new trace.
+//!
+//! In-process links: the outgoing request carries the trace id of exactly one
+//! SERVER request open in the same process (async runtimes, event loops and
+//! thread pools that forward context); or, without context, it was sent by a
+//! thread that had received exactly one request it had not yet answered. A
+//! thread with several open (an event loop) is not guessed at, but counted;
+//! [`ThreadLink::MostRecent`] takes the newest instead.
+//!
+//! Sampling is decided once per trace, at its root: every descendant follows,
+//! so no trace is exported half.
+//!
+//! Finished exchanges whose other end is on this host are held (at most the
+//! assembly window) until that end finishes too, so each span gets the
+//! other's two moments as events (client send, server receive, server send,
+//! client receive). Requests whose heads were never reported (a decoder path
+//! without starts) are started when they finish and follow the same rules.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
     net::SocketAddr,
 };
 
@@ -21,8 +47,8 @@ use super::{
     AttrValue, SpanKind, SpanRecord, Status,
 };
 use crate::{
-    capture::Role,
-    decode::{Headers, HttpExchange, Outcome, Protocol},
+    capture::{ConnId, Role},
+    decode::{Headers, HttpExchange, Outcome, Protocol, RequestStart},
 };
 
 /// Query parameters whose values are redacted in `url.query` (the
@@ -52,8 +78,23 @@ const SENSITIVE_QUERY_PARAMS: &[&str] = &[
 const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
 ];
-/// Exchanges waiting for their peer; beyond this the oldest go out unpaired.
-const MAX_WAITING: usize = 65536;
+/// Requests the correlator tracks (open, held, or lingering for late
+/// lookups); beyond this the entries that expire first are cut short.
+const MAX_OPEN: usize = 65536;
+/// An open request whose exchange never finishes (lost, or a connection the
+/// decoder dropped) is forgotten after this long.
+const OPEN_MAX_AGE_NS: u64 = 300_000_000_000;
+
+/// What to do with a CLIENT request sent by a thread that had several
+/// received requests open (an event loop) and carried no context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ThreadLink {
+    /// No in-process parent (a new trace): never a wrong parent.
+    #[default]
+    None,
+    /// The request the thread received most recently.
+    MostRecent,
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SpanCounters {
@@ -65,8 +106,22 @@ pub struct SpanCounters {
     pub sampled_out: u64,
     /// Exchanges whose end could not be told (no role): not turned into spans.
     pub unknown_role: u64,
-    /// Client/server span pairs seen on this host.
+    /// SERVER spans whose request a CLIENT span on this host sent.
     pub paired: u64,
+    /// CLIENT spans linked to the SERVER span of their process by the
+    /// propagated trace id, and by the sending thread.
+    pub linked_by_trace: u64,
+    pub linked_by_thread: u64,
+    /// CLIENT spans whose parent is a span an SDK in the app made.
+    pub sdk_parents: u64,
+    /// No in-process link: the trace id matched several open requests; the
+    /// thread had several open (event loop; with `MostRecent`, linked anyway).
+    pub ambiguous_trace: u64,
+    pub ambiguous_thread: u64,
+    /// Exchanges that finished without a reported request start.
+    pub late_starts: u64,
+    /// Tracked requests cut short by the bound (their links are lost).
+    pub evicted: u64,
     /// Requests carrying context, by format; and malformed context headers.
     pub context_w3c: u64,
     pub context_b3: u64,
@@ -74,32 +129,61 @@ pub struct SpanCounters {
     pub context_malformed: u64,
 }
 
-/// (client address, server address) of a connection, its HTTP/2 stream (0
-/// for HTTP/1: on one connection both ends number streams alike), and a span kind.
-type PairKey = ((SocketAddr, SocketAddr, u32), SpanKind);
+/// (client address, server address) of a connection and its HTTP/2 stream
+/// (0 for HTTP/1: on one connection both ends number streams alike).
+type MirrorKey = (SocketAddr, SocketAddr, u32);
+/// A request on a connection: its stream and the moment its first byte was seen.
+type RequestKey = (ConnId, u32, u64);
 
-struct Waiting {
-    ex: HttpExchange,
-    ctx: Option<RemoteContext>,
+/// (parent, trace, the parent came from a header, sampled, the other end's entry)
+type Link = (Option<SpanId>, TraceId, bool, bool, Option<u64>);
+
+/// One request, from its head on.
+struct Open {
     kind: SpanKind,
-    /// Client (address, port) and server (address, port) of the connection,
-    /// and the HTTP/2 stream id (0 for HTTP/1).
-    key: (SocketAddr, SocketAddr, u32),
-    deadline_ns: u64,
-    /// A lone `b3: 0`: the caller denies sampling without passing ids.
-    deny: bool,
+    pid: u32,
+    tid: u32,
+    key: RequestKey,
+    mirror: MirrorKey,
+    start_ns: u64,
+    /// SERVER: when it began to answer (or ended without answering).
+    answered_ns: Option<u64>,
+    span_id: SpanId,
+    trace_id: TraceId,
+    parent: Option<SpanId>,
+    /// The parent came from the request's headers.
+    remote_parent: bool,
+    sampled: bool,
+    /// The request's own context (SERVER: what it received).
+    ctx: Option<RemoteContext>,
+    /// The other end of this request on this host.
+    peer: Option<u64>,
+    /// Finished, waiting for the peer's moments (at most until `expires_ns`).
+    held: Option<HttpExchange>,
+    /// (first, last) moment of the finished exchange, for the peer's events.
+    moments: Option<(u64, u64)>,
+    emitted: bool,
+    expires_ns: u64,
 }
 
 pub struct SpanBuilder {
     sampler: Sampler,
     /// Add to kernel monotonic ns to get Unix ns.
     epoch_offset_ns: i128,
-    pair_window_ns: u64,
-    queue: VecDeque<u64>,
-    waiting: HashMap<u64, Waiting>,
-    /// Waiting exchanges by connection and kind, oldest first: a push only
-    /// looks at the other kind of its own connection.
-    by_key: HashMap<PairKey, VecDeque<u64>>,
+    window_ns: u64,
+    thread_link: ThreadLink,
+    opens: HashMap<u64, Open>,
+    /// (expiry, id); lazily cleaned: an entry whose expiry moved is skipped.
+    expiry: BinaryHeap<Reverse<(u64, u64)>>,
+    by_request: HashMap<RequestKey, u64>,
+    /// CLIENT requests not yet matched by a SERVER start, oldest first.
+    mirror: HashMap<MirrorKey, VecDeque<u64>>,
+    /// SERVER requests by (pid, tid) that received them.
+    threads: HashMap<(u32, u32), Slot>,
+    /// SERVER requests by (pid, trace id received or given).
+    traces: HashMap<(u32, TraceId), Slot>,
+    /// Every tracked span by (pid, span id).
+    spans: HashMap<(u32, SpanId), u64>,
     next_id: u64,
     /// Also set the pre-2026 gRPC attributes (`rpc.system`, `rpc.service`,
     /// `rpc.grpc.status_code`) that many dashboards still query.
@@ -107,15 +191,51 @@ pub struct SpanBuilder {
     pub counters: SpanCounters,
 }
 
+/// Open requests kept per thread or trace: more than one is ambiguous
+/// anyway, so beyond this the oldest leave the index and the slot is marked
+/// crowded (an event loop): never guessed at again, whatever it empties to.
+const MAX_PER_INDEX: usize = 64;
+
+#[derive(Default)]
+struct Slot {
+    ids: Vec<u64>,
+    crowded: bool,
+}
+
+fn index<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
+    let v = map.entry(k).or_default();
+    if v.ids.len() >= MAX_PER_INDEX {
+        v.ids.remove(0);
+        v.crowded = true;
+    }
+    v.ids.push(id);
+}
+
+/// Removes `id` from an index slot, and the slot when it empties.
+fn unindex<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
+    if let Some(v) = map.get_mut(&k) {
+        v.ids.retain(|i| *i != id);
+        if v.ids.is_empty() && !v.crowded {
+            map.remove(&k);
+        }
+    }
+}
+
 impl SpanBuilder {
-    pub fn new(sampler: Sampler, epoch_offset_ns: i128, pair_window_ns: u64) -> Self {
+    /// `window_ns`: how long a finished exchange waits for its other end.
+    pub fn new(sampler: Sampler, epoch_offset_ns: i128, window_ns: u64) -> Self {
         Self {
             sampler,
             epoch_offset_ns,
-            pair_window_ns,
-            queue: VecDeque::new(),
-            waiting: HashMap::new(),
-            by_key: HashMap::new(),
+            window_ns,
+            thread_link: ThreadLink::None,
+            opens: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            by_request: HashMap::new(),
+            mirror: HashMap::new(),
+            threads: HashMap::new(),
+            traces: HashMap::new(),
+            spans: HashMap::new(),
             next_id: 0,
             legacy_rpc: true,
             counters: SpanCounters::default(),
@@ -128,19 +248,152 @@ impl SpanBuilder {
         self
     }
 
-    /// Takes one exchange (`now_ns`: kernel monotonic time); appends spans that are ready.
-    pub fn push(&mut self, ex: HttpExchange, now_ns: u64, out: &mut Vec<SpanRecord>) {
-        let kind = match ex.role {
+    pub fn with_thread_link(mut self, mode: ThreadLink) -> Self {
+        self.thread_link = mode;
+        self
+    }
+
+    /// Takes a decode batch: request starts (each tagged with the index of
+    /// the exchange before which it happened) and finished exchanges, in
+    /// chunk order; appends spans that are ready.
+    pub fn push_batch(
+        &mut self,
+        starts: &mut Vec<(usize, RequestStart)>,
+        exchanges: &mut Vec<HttpExchange>,
+        now_ns: u64,
+        out: &mut Vec<SpanRecord>,
+    ) {
+        let mut starts = starts.drain(..).peekable();
+        for (i, ex) in exchanges.drain(..).enumerate() {
+            while let Some((_, s)) = starts.next_if(|(at, _)| *at <= i) {
+                self.start(&s, now_ns, out);
+            }
+            self.push(ex, now_ns, out);
+        }
+        for (_, s) in starts {
+            self.start(&s, now_ns, out);
+        }
+    }
+
+    /// A request head was read: decides its span's ids and parent.
+    pub fn start(&mut self, s: &RequestStart, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        let kind = match s.role {
             Role::Server => SpanKind::Server,
             Role::Client => SpanKind::Client,
-            Role::Unknown => {
-                self.counters.unknown_role += 1;
-                return;
-            }
+            Role::Unknown => return,
         };
-        let extracted = context::extract(&ex.request_headers);
-        self.counters.context_malformed += extracted.malformed.len() as u64;
-        if let Some(c) = &extracted.context {
+        let key = (s.conn, s.stream, s.request_first_ns);
+        if self.by_request.contains_key(&key) {
+            return;
+        }
+        let extracted = context::extract(&s.context_headers);
+        self.count_context(&extracted);
+        let ctx = extracted.context;
+        let deny =
+            ctx.is_none() && header(&s.context_headers, "b3").is_some_and(|v| v.trim() == "0");
+        let mirror = match kind {
+            SpanKind::Client => (s.local, s.remote, s.stream),
+            SpanKind::Server => (s.remote, s.local, s.stream),
+        };
+        let t = s.request_first_ns;
+        let mut link: Option<Link> = None;
+        match kind {
+            SpanKind::Server => {
+                if let Some(c) = self.take_mirror(mirror, t) {
+                    if let Some(o) = self.opens.get(&c) {
+                        self.counters.paired += 1;
+                        link = Some((Some(o.span_id), o.trace_id, false, o.sampled, Some(c)));
+                    }
+                }
+            }
+            SpanKind::Client => {
+                if let Some(p) = self.in_process_parent(s.pid, s.tid, t, ctx.as_ref()) {
+                    if let Some(o) = self.opens.get(&p) {
+                        link = Some(match &ctx {
+                            Some(c)
+                                if Some(c.span_id) != o.ctx.as_ref().map(|r| r.span_id)
+                                    && !self.spans.contains_key(&(s.pid, c.span_id)) =>
+                            {
+                                self.counters.sdk_parents += 1;
+                                (Some(c.span_id), c.trace_id, true, o.sampled, None)
+                            }
+                            _ => (Some(o.span_id), o.trace_id, false, o.sampled, None),
+                        });
+                    }
+                }
+            }
+        }
+        let (parent, trace_id, remote_parent, sampled, peer) = link.unwrap_or_else(|| {
+            let (trace_id, parent) = match &ctx {
+                Some(c) => (c.trace_id, Some(c.span_id)),
+                None => (TraceId::random(), None),
+            };
+            let sampled = !deny && self.sampler.should_sample(trace_id, ctx.as_ref());
+            (parent, trace_id, parent.is_some(), sampled, None)
+        });
+        let id = self.next_id;
+        self.next_id += 1;
+        let span_id = SpanId::random();
+        if let Some(p) = peer.and_then(|p| self.opens.get_mut(&p)) {
+            p.peer = Some(id);
+        }
+        match kind {
+            SpanKind::Client => self.mirror.entry(mirror).or_default().push_back(id),
+            SpanKind::Server => {
+                index(&mut self.threads, (s.pid, s.tid), id);
+                index(&mut self.traces, (s.pid, trace_id), id);
+                if let Some(c) = ctx.as_ref().filter(|c| c.trace_id != trace_id) {
+                    index(&mut self.traces, (s.pid, c.trace_id), id);
+                }
+            }
+        }
+        self.spans.insert((s.pid, span_id), id);
+        self.by_request.insert(key, id);
+        let expires_ns = now_ns.saturating_add(OPEN_MAX_AGE_NS);
+        self.opens.insert(
+            id,
+            Open {
+                kind,
+                pid: s.pid,
+                tid: s.tid,
+                key,
+                mirror,
+                start_ns: t,
+                answered_ns: None,
+                span_id,
+                trace_id,
+                parent,
+                remote_parent,
+                sampled,
+                ctx,
+                peer,
+                held: None,
+                moments: None,
+                emitted: false,
+                expires_ns,
+            },
+        );
+        self.expiry.push(Reverse((expires_ns, id)));
+        while self.opens.len() > MAX_OPEN {
+            // Entries that expire first go first: those lingering after their
+            // span went out, before any still open.
+            let cut = self
+                .expiry
+                .peek()
+                .and_then(|Reverse((_, id))| self.opens.get(id))
+                .is_some_and(|o| !o.emitted);
+            if !self.expire_one(u64::MAX, out) {
+                break;
+            }
+            if cut {
+                self.counters.evicted += 1;
+            }
+        }
+    }
+
+    fn count_context(&mut self, e: &context::Extracted) {
+        self.counters.context_malformed += e.malformed.len() as u64;
+        if let Some(c) = &e.context {
             match c.format {
                 context::Format::W3c => self.counters.context_w3c += 1,
                 context::Format::B3Single | context::Format::B3Multi => {
@@ -149,188 +402,283 @@ impl SpanBuilder {
                 context::Format::Jaeger => self.counters.context_jaeger += 1,
             }
         }
-        let stream = match ex.protocol {
-            Protocol::Http2 { stream_id } => stream_id,
-            Protocol::Http1 { .. } => 0,
-        };
-        let key = match kind {
-            SpanKind::Client => (ex.local, ex.remote, stream),
-            SpanKind::Server => (ex.remote, ex.local, stream),
-        };
-        let deny = extracted.context.is_none()
-            && header(&ex.request_headers, "b3").is_some_and(|v| v.trim() == "0");
-        let me = Waiting {
-            ex,
-            ctx: extracted.context,
-            kind,
-            key,
-            deadline_ns: now_ns + self.pair_window_ns,
-            deny,
-        };
-        if let Some(peer_id) = self.find_peer(&me) {
-            if let Some(peer) = self.take(peer_id) {
-                self.counters.paired += 1;
-                let (client, server) = if me.kind == SpanKind::Client {
-                    (me, peer)
-                } else {
-                    (peer, me)
-                };
-                self.emit_pair(client, server, out);
-                return;
-            }
+    }
+
+    /// The oldest unmatched CLIENT request of the mirrored connection that
+    /// began before `t` (a server never reads a request before it is sent).
+    fn take_mirror(&mut self, key: MirrorKey, t: u64) -> Option<u64> {
+        let q = self.mirror.get_mut(&key)?;
+        let opens = &self.opens;
+        let i = q
+            .iter()
+            .position(|id| opens.get(id).is_some_and(|o| o.start_ns <= t))?;
+        let id = q.remove(i);
+        if q.is_empty() {
+            self.mirror.remove(&key);
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.by_key.entry((key, kind)).or_default().push_back(id);
-        self.queue.push_back(id);
-        self.waiting.insert(id, me);
-        while self.waiting.len() > MAX_WAITING {
-            match self.queue.front().copied() {
-                Some(oldest) => {
-                    self.queue.pop_front();
-                    if let Some(w) = self.take(oldest) {
-                        self.emit_alone(w, out);
+        id
+    }
+
+    /// Whether SERVER request `id` was received and not yet answered at `t`.
+    fn open_at(&self, id: u64, t: u64) -> bool {
+        self.opens
+            .get(&id)
+            .is_some_and(|o| o.start_ns <= t && o.answered_ns.is_none_or(|a| a > t))
+    }
+
+    /// The SERVER request a CLIENT request sent at `t` by (pid, tid) was made for.
+    fn in_process_parent(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        t: u64,
+        ctx: Option<&RemoteContext>,
+    ) -> Option<u64> {
+        // A crowded slot stands for "many": two made-up ids that match nothing.
+        let open = |slot: Option<&Slot>| -> Vec<u64> {
+            match slot {
+                Some(v) if v.crowded => vec![u64::MAX, u64::MAX],
+                Some(v) => v
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| self.open_at(*id, t))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        let on_thread = open(self.threads.get(&(pid, tid)));
+        if let Some(c) = ctx {
+            let by_trace = open(self.traces.get(&(pid, c.trace_id)));
+            return match by_trace.as_slice() {
+                [] => None,
+                [one] => {
+                    self.counters.linked_by_trace += 1;
+                    Some(*one)
+                }
+                many => {
+                    // The same trace twice in one process: the thread decides.
+                    let mine: Vec<u64> = many
+                        .iter()
+                        .copied()
+                        .filter(|id| on_thread.contains(id))
+                        .collect();
+                    if let [one] = mine.as_slice() {
+                        self.counters.linked_by_trace += 1;
+                        Some(*one)
+                    } else {
+                        self.counters.ambiguous_trace += 1;
+                        None
                     }
                 }
-                None => break,
+            };
+        }
+        match on_thread.as_slice() {
+            [] => None,
+            [one] => {
+                self.counters.linked_by_thread += 1;
+                Some(*one)
+            }
+            many => {
+                self.counters.ambiguous_thread += 1;
+                match self.thread_link {
+                    ThreadLink::None => None,
+                    ThreadLink::MostRecent => many
+                        .iter()
+                        .copied()
+                        .max_by_key(|id| self.opens.get(id).map_or(0, |o| o.start_ns)),
+                }
             }
         }
     }
 
-    /// Sends out exchanges whose pairing window has passed (`now_ns`: monotonic);
-    /// with `now_ns = u64::MAX`, everything.
-    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
-        while let Some(&id) = self.queue.front() {
-            match self.waiting.get(&id) {
-                Some(w) if w.deadline_ns > now_ns => break,
-                _ => {}
-            }
-            self.queue.pop_front();
-            if let Some(w) = self.take(id) {
-                self.emit_alone(w, out);
-            }
+    /// Takes one finished exchange (`now_ns`: kernel monotonic time); appends
+    /// spans that are ready.
+    pub fn push(&mut self, ex: HttpExchange, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        if ex.role == Role::Unknown {
+            self.counters.unknown_role += 1;
+            return;
         }
-    }
-
-    /// Exchanges waiting for a peer.
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
-    fn find_peer(&self, me: &Waiting) -> Option<u64> {
-        let other = match me.kind {
-            SpanKind::Client => SpanKind::Server,
-            SpanKind::Server => SpanKind::Client,
+        let key = (ex.conn, ex.stream(), ex.request_first_ns);
+        let id = match self.by_request.get(&key) {
+            Some(id) => *id,
+            None => {
+                self.counters.late_starts += 1;
+                self.start(&RequestStart::of(&ex), now_ns, out);
+                match self.by_request.get(&key) {
+                    Some(id) => *id,
+                    None => return,
+                }
+            }
         };
-        let ids = self.by_key.get(&(me.key, other))?;
-        ids.iter().copied().find(|id| {
-            self.waiting.get(id).is_some_and(|w| {
-                let (c, s) = if me.kind == SpanKind::Client {
-                    (&me.ex, &w.ex)
-                } else {
-                    (&w.ex, &me.ex)
-                };
-                // Causality on one clock: the server read the request after the
-                // client began sending it, and before the client finished.
-                s.request_first_ns >= c.request_first_ns && s.request_first_ns <= end_ns(c)
-            })
-        })
-    }
-
-    fn take(&mut self, id: u64) -> Option<Waiting> {
-        let w = self.waiting.remove(&id)?;
-        let k = (w.key, w.kind);
-        if let Some(ids) = self.by_key.get_mut(&k) {
-            // Usually the front: exchanges leave in the order they came.
-            if let Some(pos) = ids.iter().position(|i| *i == id) {
-                ids.remove(pos);
-            }
-            if ids.is_empty() {
-                self.by_key.remove(&k);
+        let window = self.window_ns;
+        let Some(o) = self.opens.get_mut(&id) else {
+            return;
+        };
+        let end = end_ns(&ex);
+        o.moments = Some((ex.request_first_ns, end));
+        if o.kind == SpanKind::Server {
+            o.answered_ns = Some(ex.response_first_ns.unwrap_or(end));
+            // Answered: no later call of its thread or trace is made for it.
+            let (pid, tid, trace, got) =
+                (o.pid, o.tid, o.trace_id, o.ctx.as_ref().map(|c| c.trace_id));
+            unindex(&mut self.threads, (pid, tid), id);
+            unindex(&mut self.traces, (pid, trace), id);
+            if let Some(t) = got {
+                unindex(&mut self.traces, (pid, t), id);
             }
         }
-        Some(w)
+        // A CLIENT is matched or not by now: a server reads a request before
+        // the client can have its response.
+        if o.kind == SpanKind::Client && o.peer.is_none() {
+            let (m, id) = (o.mirror, id);
+            if let Some(q) = self.mirror.get_mut(&m) {
+                q.retain(|i| *i != id);
+                if q.is_empty() {
+                    self.mirror.remove(&m);
+                }
+            }
+        }
+        let peer = self.opens.get(&id).and_then(|o| o.peer);
+        let peer_done = peer
+            .and_then(|p| self.opens.get(&p))
+            .and_then(|p| p.moments.map(|m| (m, p.emitted)));
+        let Some(o) = self.opens.get_mut(&id) else {
+            return;
+        };
+        match (peer, peer_done) {
+            // The other end finished first and waits: both go out together.
+            (Some(p), Some((_, false))) => {
+                self.emit(id, Some(ex), out);
+                self.emit(p, None, out);
+            }
+            // Its other end on this host has not finished yet: hold it.
+            (Some(_), None) => {
+                o.held = Some(ex);
+                o.expires_ns = now_ns.saturating_add(window);
+                let e = o.expires_ns;
+                self.expiry.push(Reverse((e, id)));
+            }
+            _ => self.emit(id, Some(ex), out),
+        }
+    }
+
+    /// Builds the span of `id` from `ex` (or its held exchange), with its
+    /// peer's moments when known, and keeps the entry only as long as late
+    /// lookups (peer, threads) may need it.
+    fn emit(&mut self, id: u64, ex: Option<HttpExchange>, out: &mut Vec<SpanRecord>) {
+        let window = self.window_ns;
+        let Some(o) = self.opens.get_mut(&id) else {
+            return;
+        };
+        let Some(ex) = ex.or_else(|| o.held.take()) else {
+            return;
+        };
+        o.emitted = true;
+        // Kept a window past its end for late lookups (its peer's events,
+        // CLIENT starts of its thread reported after it finished).
+        let linger = o.moments.map_or(0, |m| m.1).saturating_add(window);
+        o.expires_ns = o.expires_ns.min(linger);
+        let e = o.expires_ns;
+        self.expiry.push(Reverse((e, id)));
+        let Some(o) = self.opens.get(&id) else {
+            return;
+        };
+        let peer = o
+            .peer
+            .and_then(|p| self.opens.get(&p))
+            .and_then(|p| p.moments);
+        let mut events = Vec::new();
+        if let Some((first, last)) = peer {
+            let names = match o.kind {
+                SpanKind::Client => ["server_receive", "server_send"],
+                SpanKind::Server => ["client_send", "client_receive"],
+            };
+            events.push((names[0], self.unix(first)));
+            events.push((names[1], self.unix(last)));
+        }
+        if !o.sampled {
+            self.counters.sampled_out += 1;
+            return;
+        }
+        let span = self.build(o, &ex, events);
+        self.counters.spans += 1;
+        match span.kind {
+            SpanKind::Server => self.counters.server_spans += 1,
+            SpanKind::Client => self.counters.client_spans += 1,
+        }
+        out.push(span);
+    }
+
+    /// Ends entries whose time is up (`now_ns`: monotonic; `u64::MAX`: all):
+    /// held spans go out without their peer's moments.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        while self.expire_one(now_ns, out) {}
+    }
+
+    /// Ends the entry that expires first if it expires by `now_ns`.
+    fn expire_one(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) -> bool {
+        while let Some(&Reverse((at, id))) = self.expiry.peek() {
+            if at > now_ns {
+                return false;
+            }
+            self.expiry.pop();
+            match self.opens.get(&id) {
+                Some(o) if o.expires_ns == at => {}
+                _ => continue,
+            }
+            if self.opens.get(&id).is_some_and(|o| o.held.is_some()) {
+                self.emit(id, None, out);
+            }
+            self.remove(id);
+            return true;
+        }
+        false
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(o) = self.opens.remove(&id) else {
+            return;
+        };
+        self.by_request.remove(&o.key);
+        self.spans.remove(&(o.pid, o.span_id));
+        match o.kind {
+            SpanKind::Client => {
+                if let Some(q) = self.mirror.get_mut(&o.mirror) {
+                    q.retain(|i| *i != id);
+                    if q.is_empty() {
+                        self.mirror.remove(&o.mirror);
+                    }
+                }
+            }
+            SpanKind::Server => {
+                unindex(&mut self.threads, (o.pid, o.tid), id);
+                unindex(&mut self.traces, (o.pid, o.trace_id), id);
+                if let Some(c) = o.ctx.as_ref() {
+                    unindex(&mut self.traces, (o.pid, c.trace_id), id);
+                }
+            }
+        }
+        if let Some(p) = o.peer.and_then(|p| self.opens.get_mut(&p)) {
+            p.peer = None;
+        }
+    }
+
+    /// Requests tracked (open, held or lingering).
+    pub fn waiting(&self) -> usize {
+        self.opens.len()
     }
 
     fn unix(&self, mono: u64) -> u64 {
         (mono as i128 + self.epoch_offset_ns).max(0) as u64
     }
 
-    /// Ids and sampling of a span from the request's context (or a new trace).
-    fn ids(&mut self, w: &Waiting) -> (TraceId, Option<SpanId>, bool) {
-        let (trace_id, parent) = match &w.ctx {
-            Some(c) => (c.trace_id, Some(c.span_id)),
-            None => (TraceId::random(), None),
-        };
-        (
-            trace_id,
-            parent,
-            !w.deny && self.sampler.should_sample(trace_id, w.ctx.as_ref()),
-        )
-    }
-
-    fn emit_alone(&mut self, w: Waiting, out: &mut Vec<SpanRecord>) {
-        let (trace_id, parent, sampled) = self.ids(&w);
-        self.finish(&w, trace_id, parent, sampled, Vec::new(), out);
-    }
-
-    fn emit_pair(&mut self, client: Waiting, server: Waiting, out: &mut Vec<SpanRecord>) {
-        let (trace_id, parent, sampled) = self.ids(&client);
-        let client_span = SpanId::random();
-        let c_events = vec![
-            ("server_receive", self.unix(server.ex.request_first_ns)),
-            ("server_send", self.unix(end_ns(&server.ex))),
-        ];
-        let s_events = vec![
-            ("client_send", self.unix(client.ex.request_first_ns)),
-            ("client_receive", self.unix(end_ns(&client.ex))),
-        ];
-        self.finish_with_id(
-            &client,
-            trace_id,
-            parent,
-            client_span,
-            sampled,
-            c_events,
-            out,
-        );
-        // The server continues the request's own context when it has one (the
-        // same bytes crossed the connection); otherwise the client span is its parent.
-        let (s_trace, s_parent, s_sampled) = match &server.ctx {
-            Some(_) => self.ids(&server),
-            None => (trace_id, Some(client_span), sampled),
-        };
-        self.finish(&server, s_trace, s_parent, s_sampled, s_events, out);
-    }
-
-    fn finish(
-        &mut self,
-        w: &Waiting,
-        trace_id: TraceId,
-        parent: Option<SpanId>,
-        sampled: bool,
-        events: Vec<(&'static str, u64)>,
-        out: &mut Vec<SpanRecord>,
-    ) {
-        self.finish_with_id(w, trace_id, parent, SpanId::random(), sampled, events, out);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish_with_id(
-        &mut self,
-        w: &Waiting,
-        trace_id: TraceId,
-        parent: Option<SpanId>,
-        span_id: SpanId,
-        sampled: bool,
+    fn build(
+        &self,
+        o: &Open,
+        ex: &HttpExchange,
         mut events: Vec<(&'static str, u64)>,
-        out: &mut Vec<SpanRecord>,
-    ) {
-        if !sampled {
-            self.counters.sampled_out += 1;
-            return;
-        }
-        let ex = &w.ex;
+    ) -> SpanRecord {
         let start_ns = self.unix(ex.request_first_ns);
         let end = self.unix(end_ns(ex)).max(start_ns);
         events.sort_by_key(|e| e.1);
@@ -345,31 +693,26 @@ impl SpanBuilder {
                 path
             ),
         };
-        let status = span_status(w.kind, ex, grpc.as_ref());
-        let flags = w.ctx.as_ref().map_or(1, |c| c.trace_flags | 1);
-        let span = SpanRecord {
-            trace_id,
-            span_id,
-            parent_span_id: parent,
-            remote_parent: parent.is_some() && w.ctx.is_some(),
-            trace_state: w.ctx.as_ref().and_then(|c| c.trace_state.clone()),
-            flags,
+        let status = span_status(o.kind, ex, grpc.as_ref());
+        // The request's own context describes this trace only when it names it.
+        let own = o.ctx.as_ref().filter(|c| c.trace_id == o.trace_id);
+        SpanRecord {
+            trace_id: o.trace_id,
+            span_id: o.span_id,
+            parent_span_id: o.parent,
+            remote_parent: o.remote_parent,
+            trace_state: own.and_then(|c| c.trace_state.clone()),
+            flags: own.map_or(1, |c| c.trace_flags | 1),
             name,
-            kind: w.kind,
+            kind: o.kind,
             start_ns,
             end_ns: end,
-            attributes: attributes(w.kind, ex, method, &path, grpc.as_ref(), self.legacy_rpc),
+            attributes: attributes(o.kind, ex, method, &path, grpc.as_ref(), self.legacy_rpc),
             events,
             status,
             pid: ex.pid,
             comm: ex.comm.to_string(),
-        };
-        self.counters.spans += 1;
-        match w.kind {
-            SpanKind::Server => self.counters.server_spans += 1,
-            SpanKind::Client => self.counters.client_spans += 1,
         }
-        out.push(span);
     }
 }
 
@@ -782,127 +1125,465 @@ mod tests {
         assert_eq!(b.counters.context_w3c, 1);
     }
 
-    #[test]
-    fn both_ends_on_one_host_are_paired_and_stitched_without_context() {
-        let mut b = builder();
+    /// A decode-stage event, as the pipeline hands them over.
+    enum Step {
+        Start(HttpExchange),
+        Done(HttpExchange),
+    }
+    use Step::{Done, Start};
+
+    /// An exchange named by its path, of process 10's thread `tid`.
+    fn named(
+        role: Role,
+        conn: (&str, &str),
+        tid: u32,
+        path: &str,
+        headers: &[(&str, &str)],
+        t: (u64, u64, u64, u64),
+    ) -> HttpExchange {
+        let mut e = ex(role, conn.0, conn.1, headers, t);
+        e.tid = tid;
+        e.target = path.into();
+        // One socket per local address, as on a host.
+        e.conn.sock = e.local.port().into();
+        e
+    }
+
+    fn run(b: &mut SpanBuilder, steps: Vec<Step>) -> Vec<SpanRecord> {
         let mut out = vec![];
-        // The server's exchange completes first, then the client's.
-        b.push(
-            ex(
-                Role::Server,
-                "127.0.0.1:8080",
-                "127.0.0.1:50000",
-                &[],
-                (110, 111, 140, 141),
-            ),
-            0,
-            &mut out,
-        );
-        assert!(out.is_empty(), "waits for its peer");
-        b.push(
-            ex(
-                Role::Client,
-                "127.0.0.1:50000",
-                "127.0.0.1:8080",
-                &[],
-                (100, 101, 145, 150),
-            ),
-            0,
-            &mut out,
-        );
-        assert_eq!(out.len(), 2);
-        let (c, s) = (&out[0], &out[1]);
-        assert_eq!((c.kind, s.kind), (SpanKind::Client, SpanKind::Server));
-        assert_eq!(c.trace_id, s.trace_id);
-        assert_eq!(s.parent_span_id, Some(c.span_id));
-        assert_eq!(c.parent_span_id, None);
-        assert_eq!(
-            c.events,
-            vec![("server_receive", 1_110), ("server_send", 1_141)]
-        );
-        assert_eq!(
-            s.events,
-            vec![("client_send", 1_100), ("client_receive", 1_150)]
-        );
-        assert!(
-            c.start_ns <= s.start_ns && s.end_ns <= c.end_ns,
-            "client contains server"
-        );
-        assert_eq!(b.counters.paired, 1);
-        assert_eq!(b.waiting(), 0);
+        for s in steps {
+            match s {
+                Start(e) => b.start(&RequestStart::of(&e), 0, &mut out),
+                Done(e) => b.push(e, 0, &mut out),
+            }
+        }
+        b.flush(u64::MAX, &mut out);
+        out
+    }
+
+    fn span<'a>(out: &'a [SpanRecord], path: &str) -> &'a SpanRecord {
+        out.iter()
+            .find(|s| s.attr("url.path") == Some(&AttrValue::Str(path.into())))
+            .unwrap_or_else(|| panic!("no span {path}"))
+    }
+
+    const GW: (&str, &str) = ("127.0.0.1:50000", "127.0.0.1:8080");
+    const GW_S: (&str, &str) = ("127.0.0.1:8080", "127.0.0.1:50000");
+    const GW2_S: (&str, &str) = ("127.0.0.1:8080", "127.0.0.1:50002");
+    const OUT: (&str, &str) = ("127.0.0.1:50001", "10.0.0.9:9000");
+
+    /// Who a span's parent should be.
+    #[derive(Debug)]
+    enum Want {
+        Root,
+        /// The span of that path, in its trace.
+        Span(&'static str),
+        /// The header's span id (hex), in the header's trace.
+        Header(&'static str),
     }
 
     #[test]
-    fn paired_spans_with_context_keep_the_callers_parent() {
-        let mut b = builder();
-        let mut out = vec![];
-        let h = [
-            ("x-b3-traceid", T),
-            ("x-b3-spanid", S),
-            ("x-b3-sampled", "1"),
+    fn parent_rules_table() {
+        let tp = |s: &'static str| -> String { format!("00-{T}-{s}-01") };
+        let (tp_in, tp_sdk) = (tp(S), tp("1111111111111111"));
+        let other = "00-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-2222222222222222-01".to_string();
+        type Case = (
+            &'static str,
+            Vec<Step>,
+            Vec<(&'static str, Want)>,
+            SpanCounters,
+        );
+        let c = |f: fn(&mut SpanCounters)| {
+            let mut k = SpanCounters::default();
+            f(&mut k);
+            k
+        };
+        let cases: Vec<Case> = vec![
+            (
+                "both ends on this host, no context: the server under the client",
+                vec![
+                    Start(named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150))),
+                    Start(named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141))),
+                    Done(named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141))),
+                    Done(named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150))),
+                ],
+                vec![("/a", Want::Root), ("/a-s", Want::Span("/a"))],
+                c(|k| k.paired = 1),
+            ),
+            (
+                "both ends with context: the server under the client, the client under the header",
+                vec![
+                    Start(named(Role::Client, GW, 1, "/a", &[("traceparent", &tp_in)], (100, 101, 145, 150))),
+                    Start(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141))),
+                    Done(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141))),
+                    Done(named(Role::Client, GW, 1, "/a", &[("traceparent", &tp_in)], (100, 101, 145, 150))),
+                ],
+                vec![("/a", Want::Header(S)), ("/a-s", Want::Span("/a"))],
+                c(|k| {
+                    k.paired = 1;
+                    k.context_w3c = 2;
+                }),
+            ),
+            (
+                "thread-per-request, nothing forwarded: the call under the request its thread serves",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in", &[], (100, 101, 200, 201))),
+                    Start(named(Role::Client, OUT, 7, "/out", &[], (120, 121, 150, 151))),
+                    Done(named(Role::Client, OUT, 7, "/out", &[], (120, 121, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/in", &[], (100, 101, 200, 201))),
+                ],
+                vec![("/in", Want::Root), ("/out", Want::Span("/in"))],
+                c(|k| k.linked_by_thread = 1),
+            ),
+            (
+                "thread reuse: the thread answered its first request before the call",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 110, 111))),
+                    Done(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 110, 111))),
+                    Start(named(Role::Server, GW_S, 7, "/in2", &[], (120, 121, 200, 201))),
+                    Start(named(Role::Client, OUT, 7, "/out", &[], (130, 131, 150, 151))),
+                    Done(named(Role::Client, OUT, 7, "/out", &[], (130, 131, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/in2", &[], (120, 121, 200, 201))),
+                ],
+                vec![("/in1", Want::Root), ("/in2", Want::Root), ("/out", Want::Span("/in2"))],
+                c(|k| k.linked_by_thread = 1),
+            ),
+            (
+                "event loop, nothing forwarded: two requests open on the thread, no guess",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 200, 201))),
+                    Start(named(Role::Server, GW2_S, 7, "/in2", &[], (110, 111, 210, 211))),
+                    Start(named(Role::Client, OUT, 7, "/out", &[], (130, 131, 150, 151))),
+                    Done(named(Role::Client, OUT, 7, "/out", &[], (130, 131, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 200, 201))),
+                    Done(named(Role::Server, GW2_S, 7, "/in2", &[], (110, 111, 210, 211))),
+                ],
+                vec![("/in1", Want::Root), ("/in2", Want::Root), ("/out", Want::Root)],
+                c(|k| k.ambiguous_thread = 1),
+            ),
+            (
+                "event loop forwarding context: linked by trace id, across threads",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in1", &[("traceparent", &other)], (100, 101, 200, 201))),
+                    Start(named(Role::Server, GW2_S, 7, "/in2", &[("traceparent", &tp_in)], (110, 111, 210, 211))),
+                    Start(named(Role::Client, OUT, 8, "/out", &[("traceparent", &tp_in)], (130, 131, 150, 151))),
+                    Done(named(Role::Client, OUT, 8, "/out", &[("traceparent", &tp_in)], (130, 131, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/in1", &[("traceparent", &other)], (100, 101, 200, 201))),
+                    Done(named(Role::Server, GW2_S, 7, "/in2", &[("traceparent", &tp_in)], (110, 111, 210, 211))),
+                ],
+                vec![
+                    ("/in1", Want::Header("2222222222222222")),
+                    ("/in2", Want::Header(S)),
+                    ("/out", Want::Span("/in2")),
+                ],
+                c(|k| {
+                    k.linked_by_trace = 1;
+                    k.context_w3c = 3;
+                }),
+            ),
+            (
+                "an SDK in the app made the outgoing span: it is the parent",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in", &[("traceparent", &tp_in)], (100, 101, 200, 201))),
+                    Start(named(Role::Client, OUT, 7, "/out", &[("traceparent", &tp_sdk)], (130, 131, 150, 151))),
+                    Done(named(Role::Client, OUT, 7, "/out", &[("traceparent", &tp_sdk)], (130, 131, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/in", &[("traceparent", &tp_in)], (100, 101, 200, 201))),
+                ],
+                vec![("/in", Want::Header(S)), ("/out", Want::Header("1111111111111111"))],
+                c(|k| {
+                    k.linked_by_trace = 1;
+                    k.sdk_parents = 1;
+                    k.context_w3c = 2;
+                }),
+            ),
+            (
+                "keep-alive: requests pair in the connection's order",
+                vec![
+                    Start(named(Role::Client, GW, 1, "/k1", &[], (100, 101, 120, 121))),
+                    Start(named(Role::Server, GW_S, 2, "/k1-s", &[], (105, 106, 115, 116))),
+                    Done(named(Role::Server, GW_S, 2, "/k1-s", &[], (105, 106, 115, 116))),
+                    Done(named(Role::Client, GW, 1, "/k1", &[], (100, 101, 120, 121))),
+                    Start(named(Role::Client, GW, 1, "/k2", &[], (130, 131, 150, 151))),
+                    Start(named(Role::Server, GW_S, 2, "/k2-s", &[], (135, 136, 145, 146))),
+                    Done(named(Role::Server, GW_S, 2, "/k2-s", &[], (135, 136, 145, 146))),
+                    Done(named(Role::Client, GW, 1, "/k2", &[], (130, 131, 150, 151))),
+                ],
+                vec![
+                    ("/k1", Want::Root),
+                    ("/k1-s", Want::Span("/k1")),
+                    ("/k2", Want::Root),
+                    ("/k2-s", Want::Span("/k2")),
+                ],
+                c(|k| k.paired = 2),
+            ),
+            (
+                "a three-hop chain resolves whatever order the spans finish in",
+                vec![
+                    Start(named(Role::Client, GW, 1, "/a", &[], (100, 101, 300, 301))),
+                    Start(named(Role::Server, GW_S, 7, "/a-s", &[], (105, 106, 290, 291))),
+                    Start(named(Role::Client, OUT, 7, "/b", &[], (120, 121, 150, 151))),
+                    Done(named(Role::Client, OUT, 7, "/b", &[], (120, 121, 150, 151))),
+                    Done(named(Role::Server, GW_S, 7, "/a-s", &[], (105, 106, 290, 291))),
+                    Done(named(Role::Client, GW, 1, "/a", &[], (100, 101, 300, 301))),
+                ],
+                vec![("/a", Want::Root), ("/a-s", Want::Span("/a")), ("/b", Want::Span("/a-s"))],
+                c(|k| {
+                    k.paired = 1;
+                    k.linked_by_thread = 1;
+                }),
+            ),
+            (
+                "exchanges without reported starts are started when they finish",
+                vec![
+                    Done(named(Role::Server, GW_S, 7, "/in", &[], (100, 101, 200, 201))),
+                    Done(named(Role::Client, OUT, 9, "/out", &[], (130, 131, 150, 151))),
+                ],
+                vec![("/in", Want::Root), ("/out", Want::Root)],
+                c(|k| k.late_starts = 2),
+            ),
         ];
-        b.push(
-            ex(
-                Role::Client,
-                "127.0.0.1:50000",
-                "127.0.0.1:8080",
-                &h,
-                (100, 101, 145, 150),
-            ),
-            0,
-            &mut out,
-        );
-        b.push(
-            ex(
-                Role::Server,
-                "127.0.0.1:8080",
-                "127.0.0.1:50000",
-                &h,
-                (110, 111, 140, 141),
-            ),
-            0,
-            &mut out,
-        );
-        assert_eq!(out.len(), 2);
-        for s in &out {
-            assert_eq!(s.trace_id.to_hex(), T);
-            assert_eq!(s.parent_span_id.map(|p| p.to_hex()), Some(S.to_string()));
+        for (name, steps, want, counters) in cases {
+            let mut b = builder();
+            let out = run(&mut b, steps);
+            assert_eq!(out.len(), want.len(), "{name}: {out:#?}");
+            for (path, w) in &want {
+                let s = span(&out, path);
+                match w {
+                    Want::Root => assert_eq!(s.parent_span_id, None, "{name}: {path}"),
+                    Want::Span(p) => {
+                        let parent = span(&out, p);
+                        assert_eq!(s.parent_span_id, Some(parent.span_id), "{name}: {path}");
+                        assert_eq!(s.trace_id, parent.trace_id, "{name}: {path}");
+                        assert!(!s.remote_parent, "{name}: {path}");
+                    }
+                    Want::Header(h) => {
+                        assert_eq!(
+                            s.parent_span_id.map(|p| p.to_hex()).as_deref(),
+                            Some(*h),
+                            "{name}: {path}"
+                        );
+                        assert!(s.remote_parent, "{name}: {path}");
+                    }
+                }
+            }
+            let mut got = b.counters;
+            // Only the linking counters are this table's business.
+            (got.spans, got.server_spans, got.client_spans) = (0, 0, 0);
+            assert_eq!(got, counters, "{name}");
+            assert_eq!(b.waiting(), 0, "{name}: everything ends at the final flush");
         }
     }
 
     #[test]
-    fn unpaired_exchanges_wait_the_window_then_go_alone() {
+    fn paired_spans_get_each_others_moments_whichever_finishes_first() {
+        for server_first in [true, false] {
+            let mut b = builder();
+            let cl = named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150));
+            let sv = named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141));
+            let mut out = vec![];
+            b.start(&RequestStart::of(&cl), 0, &mut out);
+            b.start(&RequestStart::of(&sv), 0, &mut out);
+            let (first, second) = if server_first { (sv, cl) } else { (cl, sv) };
+            b.push(first, 0, &mut out);
+            assert!(out.is_empty(), "held for its other end");
+            b.push(second, 0, &mut out);
+            assert_eq!(out.len(), 2, "both go out when the second finishes");
+            let (c, s) = (span(&out, "/a"), span(&out, "/a-s"));
+            assert_eq!(
+                c.events,
+                vec![("server_receive", 1_110), ("server_send", 1_141)]
+            );
+            assert_eq!(
+                s.events,
+                vec![("client_send", 1_100), ("client_receive", 1_150)]
+            );
+            assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns);
+        }
+    }
+
+    #[test]
+    fn a_held_span_goes_out_alone_when_its_window_ends() {
         let mut b = builder();
         let mut out = vec![];
-        b.push(
-            ex(
-                Role::Server,
-                "127.0.0.1:8080",
-                "127.0.0.1:50000",
-                &[],
-                (110, 111, 140, 141),
-            ),
-            1_000,
-            &mut out,
-        );
-        // A client on another connection does not pair.
-        b.push(
-            ex(
-                Role::Client,
-                "127.0.0.1:50001",
-                "127.0.0.1:8080",
-                &[],
-                (100, 101, 145, 150),
-            ),
-            1_000,
-            &mut out,
-        );
+        let cl = named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150));
+        let sv = named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141));
+        b.start(&RequestStart::of(&cl), 1_000, &mut out);
+        b.start(&RequestStart::of(&sv), 1_000, &mut out);
+        b.push(sv, 1_000, &mut out);
+        // The builder's window is 100 ns.
         b.flush(1_099, &mut out);
         assert!(out.is_empty());
         b.flush(1_100, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].events.is_empty());
+        // The other end, finishing late, still names its peer as parent.
+        b.push(cl, 1_200, &mut out);
         assert_eq!(out.len(), 2);
-        assert_ne!(out[0].trace_id, out[1].trace_id);
-        assert_eq!(b.counters.paired, 0);
+        assert_eq!(out[0].parent_span_id, Some(out[1].span_id));
+    }
+
+    #[test]
+    fn a_child_follows_its_parents_sampling_decision() {
+        let not_sampled = format!("00-{T}-{S}-00");
+        // (sampler, incoming context, want exported)
+        type Case<'a> = (Sampler, Vec<(&'a str, &'a str)>, bool);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+                vec![],
+                true,
+            ),
+            (
+                Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+                vec![],
+                false,
+            ),
+            (
+                Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+                vec![("traceparent", &not_sampled)],
+                false,
+            ),
+            (
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatio(0.5))),
+                vec![],
+                true,
+            ),
+        ];
+        for (sampler, h, want) in cases {
+            let ratio = matches!(&sampler, Sampler::ParentBased(r) if matches!(**r, Sampler::TraceIdRatio(_)));
+            for _ in 0..if ratio { 40 } else { 1 } {
+                let mut b = SpanBuilder::new(sampler.clone(), 1_000, 100);
+                let out = run(
+                    &mut b,
+                    vec![
+                        Start(named(
+                            Role::Server,
+                            GW_S,
+                            7,
+                            "/in",
+                            &h,
+                            (100, 101, 200, 201),
+                        )),
+                        Start(named(
+                            Role::Client,
+                            OUT,
+                            7,
+                            "/out",
+                            &[],
+                            (120, 121, 150, 151),
+                        )),
+                        Done(named(
+                            Role::Client,
+                            OUT,
+                            7,
+                            "/out",
+                            &[],
+                            (120, 121, 150, 151),
+                        )),
+                        Done(named(
+                            Role::Server,
+                            GW_S,
+                            7,
+                            "/in",
+                            &h,
+                            (100, 101, 200, 201),
+                        )),
+                    ],
+                );
+                if ratio {
+                    assert!(
+                        out.len() == 2 || out.is_empty(),
+                        "never half a trace: {out:?}"
+                    );
+                } else {
+                    assert_eq!(out.len(), if want { 2 } else { 0 });
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thread_link_most_recent_takes_the_newest_open_request() {
+        let mut b = builder().with_thread_link(ThreadLink::MostRecent);
+        let out = run(
+            &mut b,
+            vec![
+                Start(named(
+                    Role::Server,
+                    GW_S,
+                    7,
+                    "/in1",
+                    &[],
+                    (100, 101, 200, 201),
+                )),
+                Start(named(
+                    Role::Server,
+                    GW2_S,
+                    7,
+                    "/in2",
+                    &[],
+                    (110, 111, 210, 211),
+                )),
+                Start(named(
+                    Role::Client,
+                    OUT,
+                    7,
+                    "/out",
+                    &[],
+                    (130, 131, 150, 151),
+                )),
+                Done(named(
+                    Role::Client,
+                    OUT,
+                    7,
+                    "/out",
+                    &[],
+                    (130, 131, 150, 151),
+                )),
+                Done(named(
+                    Role::Server,
+                    GW_S,
+                    7,
+                    "/in1",
+                    &[],
+                    (100, 101, 200, 201),
+                )),
+                Done(named(
+                    Role::Server,
+                    GW2_S,
+                    7,
+                    "/in2",
+                    &[],
+                    (110, 111, 210, 211),
+                )),
+            ],
+        );
+        assert_eq!(
+            span(&out, "/out").parent_span_id,
+            Some(span(&out, "/in2").span_id)
+        );
+        assert_eq!(b.counters.ambiguous_thread, 1);
+    }
+
+    #[test]
+    fn requests_that_never_finish_stay_bounded() {
+        let mut b = builder();
+        let mut out = vec![];
+        for i in 0..(MAX_OPEN as u64 + 5_000) {
+            let mut e = named(Role::Server, GW_S, 7, "/in", &[], (i, i, i, i));
+            e.conn.sock = i;
+            b.start(&RequestStart::of(&e), 0, &mut out);
+        }
+        assert!(b.waiting() <= MAX_OPEN);
+        assert_eq!(b.counters.evicted, 5_000);
+        // Memory of the indexes follows the entries.
+        assert!(b.by_request.len() <= MAX_OPEN && b.spans.len() <= MAX_OPEN);
+        assert!(b.threads.values().map(|s| s.ids.len()).sum::<usize>() <= MAX_PER_INDEX);
+        // And everything expires in time.
+        b.flush(OPEN_MAX_AGE_NS, &mut out);
+        assert_eq!(b.waiting(), 0);
+        assert!(b.threads.values().all(|s| s.ids.is_empty() && s.crowded));
+        assert!(b.traces.values().all(|s| s.ids.is_empty()) && b.mirror.is_empty());
     }
 
     #[test]
@@ -1022,51 +1703,22 @@ mod tests {
     #[test]
     fn http2_streams_pair_by_stream_id_on_one_connection() {
         let mut b = builder();
-        let mut out = vec![];
-        let (c, s) = (
-            ("127.0.0.1:50000", "127.0.0.1:8080"),
-            ("127.0.0.1:8080", "127.0.0.1:50000"),
-        );
+        let (c, s) = (GW, GW_S);
+        let cl = |id, path, t| h2(ex(Role::Client, c.0, c.1, &[], t), id, path, None);
+        let sv = |id, path, t| h2(ex(Role::Server, s.0, s.1, &[], t), id, path, None);
         // Two concurrent streams whose times overlap: only the stream id tells them apart.
-        b.push(
-            h2(
-                ex(Role::Server, s.0, s.1, &[], (112, 113, 120, 121)),
-                3,
-                "/b",
-                None,
-            ),
-            0,
-            &mut out,
-        );
-        b.push(
-            h2(
-                ex(Role::Server, s.0, s.1, &[], (110, 111, 130, 131)),
-                1,
-                "/a",
-                None,
-            ),
-            0,
-            &mut out,
-        );
-        b.push(
-            h2(
-                ex(Role::Client, c.0, c.1, &[], (100, 101, 140, 141)),
-                1,
-                "/a",
-                None,
-            ),
-            0,
-            &mut out,
-        );
-        b.push(
-            h2(
-                ex(Role::Client, c.0, c.1, &[], (102, 103, 142, 143)),
-                3,
-                "/b",
-                None,
-            ),
-            0,
-            &mut out,
+        let out = run(
+            &mut b,
+            vec![
+                Start(cl(1, "/a", (100, 101, 140, 141))),
+                Start(cl(3, "/b", (102, 103, 142, 143))),
+                Start(sv(3, "/b", (112, 113, 120, 121))),
+                Start(sv(1, "/a", (110, 111, 130, 131))),
+                Done(sv(3, "/b", (112, 113, 120, 121))),
+                Done(sv(1, "/a", (110, 111, 130, 131))),
+                Done(cl(1, "/a", (100, 101, 140, 141))),
+                Done(cl(3, "/b", (102, 103, 142, 143))),
+            ],
         );
         assert_eq!(out.len(), 4);
         for pair in out.chunks(2) {

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::capture::{Chunk, ChunkKind, ConnId, ConnMap, Direction, Role};
 
-use super::{moment_ns, Headers, HttpExchange, Outcome, Protocol};
+use super::{moment_ns, Headers, HttpExchange, Outcome, Protocol, RequestStart};
 
 /// Resource bounds. Every buffer and queue the decoder keeps is capped by one
 /// of these, so a hostile or broken peer cannot make the agent grow.
@@ -678,6 +678,8 @@ enum Mode {
 struct Ctx {
     limits: Limits,
     c: DecodeCounters,
+    /// Request heads read since the dispatcher last took them.
+    starts: Vec<RequestStart>,
 }
 
 fn emit(ctx: &mut Ctx, out: &mut Vec<HttpExchange>, p: Pending, outcome: Outcome) {
@@ -1036,6 +1038,7 @@ impl Conn {
         let is_connect = head.method == "CONNECT";
         ex.method = head.method;
         ex.target = head.target;
+        ctx.starts.push(RequestStart::of(&ex));
         self.pending.push_back(Pending {
             id,
             lost: false,
@@ -1426,6 +1429,7 @@ impl Http1Decoder {
             ctx: Ctx {
                 limits,
                 c: DecodeCounters::default(),
+                starts: Vec::new(),
             },
             conns: ConnMap::default(),
             lru: BTreeMap::new(),
@@ -1488,6 +1492,11 @@ impl Http1Decoder {
 
     pub fn counters(&self) -> DecodeCounters {
         self.ctx.c
+    }
+
+    /// Takes the request starts of the chunks fed since the last call.
+    pub fn starts(&mut self) -> std::vec::Drain<'_, RequestStart> {
+        self.ctx.starts.drain(..)
     }
 
     /// Connections currently tracked (tests check memory bounds with it).

@@ -28,7 +28,7 @@ use crate::capture::{Chunk, ChunkKind, ConnId, ConnMap, Direction, Role};
 use super::{
     hpack::{Field, HpackDecoder},
     http1::is_sensitive,
-    moment_ns, Headers, HttpExchange, Outcome, Protocol,
+    moment_ns, Headers, HttpExchange, Outcome, Protocol, RequestStart,
 };
 
 /// The client connection preface (RFC 9113 §3.4).
@@ -314,6 +314,8 @@ struct Conn {
 struct Ctx {
     limits: H2Limits,
     c: H2Counters,
+    /// Request heads read since the dispatcher last took them.
+    starts: Vec<RequestStart>,
 }
 
 impl Conn {
@@ -826,6 +828,7 @@ impl Conn {
             response_last_ns: None,
             outcome: Outcome::Aborted,
         };
+        ctx.starts.push(RequestStart::of(&ex));
         self.streams.push(Stream {
             id,
             ex,
@@ -1024,6 +1027,7 @@ impl Http2Decoder {
             ctx: Ctx {
                 limits,
                 c: H2Counters::default(),
+                starts: Vec::new(),
             },
             conns: ConnMap::default(),
             tick: 0,
@@ -1155,6 +1159,11 @@ impl Http2Decoder {
 
     pub fn counters(&self) -> H2Counters {
         self.ctx.c
+    }
+
+    /// Takes the request starts of the chunks fed since the last call.
+    pub fn starts(&mut self) -> std::vec::Drain<'_, RequestStart> {
+        self.ctx.starts.drain(..)
     }
 
     pub fn tracked(&self) -> usize {
@@ -1420,7 +1429,8 @@ mod tests {
                 &status_block("200", &lit("grpc-status", "0")),
             ),
         );
-        let got: Vec<(u32, &str, Option<u16>, Outcome, Option<&str>)> = tap
+        type Got<'a> = (u32, &'a str, Option<u16>, Outcome, Option<&'a str>);
+        let got: Vec<Got<'_>> = tap
             .out
             .iter()
             .map(|e| match e.protocol {

@@ -56,6 +56,11 @@ pub struct Decoder {
     max_connections: usize,
     /// Bytes lost between chunks, as the positions show.
     pub gap_bytes: u64,
+    /// Request starts since the last [`Decoder::take_starts`], each with the
+    /// number of exchanges in `out` before it (so the two keep chunk order);
+    /// only kept once asked for with [`Decoder::keep_starts`].
+    starts: Vec<(usize, RequestStart)>,
+    keep_starts: bool,
 }
 
 fn dir_slot(d: Direction) -> usize {
@@ -85,11 +90,42 @@ impl Decoder {
             kinds: ConnMap::default(),
             max_connections,
             gap_bytes: 0,
+            starts: Vec::new(),
+            keep_starts: false,
+        }
+    }
+
+    /// Also report each request when its head is read (see [`RequestStart`]);
+    /// the caller must then drain them with [`Decoder::take_starts`].
+    pub fn keep_starts(mut self) -> Self {
+        self.keep_starts = true;
+        self
+    }
+
+    /// Request starts since the last call, in chunk order, each with the
+    /// index in the exchange output before which it happened.
+    pub fn take_starts(&mut self, out: &mut Vec<(usize, RequestStart)>) {
+        out.append(&mut self.starts);
+    }
+
+    /// Moves the decoders' request starts of the chunk just fed.
+    fn collect_starts(&mut self, before: usize) {
+        let keep = self.keep_starts;
+        for s in self.http1.starts().chain(self.http2.starts()) {
+            if keep {
+                self.starts.push((before, s));
+            }
         }
     }
 
     /// Feeds one chunk (in per-connection order); pushes finished exchanges to `out`.
     pub fn push(&mut self, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
+        let before = out.len();
+        self.dispatch(chunk, out);
+        self.collect_starts(before);
+    }
+
+    fn dispatch(&mut self, chunk: &Chunk, out: &mut Vec<HttpExchange>) {
         let Some(st) = self.kinds.get_mut(&chunk.conn) else {
             self.first(chunk, out);
             return;
@@ -275,6 +311,57 @@ fn classify(chunk: &Chunk) -> Option<Option<usize>> {
 pub struct Header {
     pub name: String,
     pub value: String,
+}
+
+/// A request head was read, before any response: what the correlate stage
+/// needs to give the request's span its ids then, so that calls made while it
+/// is served can name it as their parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestStart {
+    pub conn: ConnId,
+    pub pid: u32,
+    /// Thread that carried the first byte of the request.
+    pub tid: u32,
+    pub role: Role,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// HTTP/2 stream id; 0 for HTTP/1.
+    pub stream: u32,
+    pub request_first_ns: u64,
+    /// Only the trace-context fields of the request (usually none: no allocation).
+    pub context_headers: Headers,
+}
+
+impl RequestStart {
+    pub fn of(ex: &HttpExchange) -> Self {
+        let mut context_headers = Headers::default();
+        for h in ex.request_headers.iter() {
+            if crate::correlate::context::CONTEXT_HEADERS.contains(&h.name) {
+                context_headers.push(h.name.as_bytes(), h.value.as_bytes());
+            }
+        }
+        Self {
+            conn: ex.conn,
+            pid: ex.pid,
+            tid: ex.tid,
+            role: ex.role,
+            local: ex.local,
+            remote: ex.remote,
+            stream: ex.stream(),
+            request_first_ns: ex.request_first_ns,
+            context_headers,
+        }
+    }
+}
+
+impl HttpExchange {
+    /// HTTP/2 stream id; 0 for HTTP/1.
+    pub fn stream(&self) -> u32 {
+        match self.protocol {
+            Protocol::Http2 { stream_id } => stream_id,
+            Protocol::Http1 { .. } => 0,
+        }
+    }
 }
 
 /// One header of a [`Headers`] set, borrowed.
