@@ -124,11 +124,17 @@ fn trace_context_from_w3c_b3_and_jaeger_reaches_the_otlp_receiver() {
             .iter()
             .find(|x| x.kind == "SERVER")
             .unwrap_or_else(|| panic!("{format}: no SERVER span"));
+        // Whole traces: curl's span is the child of the header's span, the
+        // server's span the child of curl's (the agent saw both ends).
+        assert_eq!(
+            &client.parent_span_id, s,
+            "{format}: the CLIENT span's parent is the header's span id"
+        );
+        assert_eq!(
+            server.parent_span_id, client.span_id,
+            "{format}: the SERVER span's parent is the CLIENT span, whatever the header says"
+        );
         for span in [client, server] {
-            assert_eq!(
-                &span.parent_span_id, s,
-                "{format}: parent is the header's span id"
-            );
             assert_eq!(span.name, "GET /a", "{format}");
             assert_eq!(attr_str(span, "http.request.method"), "GET");
             assert_eq!(attr_str(span, "url.path"), "/a");
