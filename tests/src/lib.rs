@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod otlp_receiver;
 pub mod peers;
+pub mod topology;
 
 /// True when the test may run; prints the reason and returns false to skip.
 pub fn require_root(test: &str) -> bool {

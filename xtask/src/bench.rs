@@ -49,6 +49,15 @@ pub enum Which {
         #[arg(long, default_value_t = 10)]
         streams: u32,
     },
+    /// Whole-trace accuracy on the reference topology (gateway -> A -> B, C).
+    Accuracy {
+        /// Requests per variant.
+        #[arg(long, default_value_t = 500)]
+        requests: usize,
+        /// Requests in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
 }
 
 /// Runs wrk; returns (requests/s, requests).
@@ -194,7 +203,99 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
             connections,
             streams,
         } => h2(rounds, seconds, connections, streams),
+        Which::Accuracy {
+            requests,
+            concurrency,
+        } => accuracy(requests, concurrency),
     }
+}
+
+/// `cargo xtask bench accuracy`: the reference topology of
+/// `integration_tests::topology` in both variants (A forwards trace headers,
+/// or nothing), traced by the agent into a real OTLP receiver; each
+/// request's exported trace is compared with its expected tree.
+fn accuracy(requests: usize, concurrency: usize) -> Result<()> {
+    use integration_tests::topology::{score, Topology};
+    let mut rows = Vec::new();
+    for (variant, forward, target) in [
+        ("headers forwarded", true, 0.99),
+        ("nothing forwarded", false, 0.95),
+    ] {
+        let receiver = Receiver::start();
+        let endpoint = receiver.endpoint();
+        // The services connect to each other at the first request, after the
+        // agent attached: every connection is new to it.
+        let topo = Topology::start(forward);
+        let args: Vec<String> = topo
+            .services
+            .iter()
+            .flat_map(|p| ["--port".to_string(), p.to_string()])
+            .chain(["--otlp-endpoint".to_string(), endpoint.clone()])
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_with("trace", &args, &[]);
+        let ok = topo.drive(requests, concurrency);
+        if ok != requests {
+            bail!("{variant}: only {ok} of {requests} requests were answered");
+        }
+        thread::sleep(std::time::Duration::from_millis(500));
+        let (_, log) = agent.stop_raw();
+        let want = requests * 6;
+        let spans = receiver.spans_until(std::time::Duration::from_secs(30), |s| s.len() >= want);
+        let sc = score(&spans, requests);
+        if let Some(path) = std::env::var_os("ACCURACY_DUMP") {
+            let path = std::path::PathBuf::from(path).with_extension(if forward {
+                "forward"
+            } else {
+                "none"
+            });
+            fs::write(&path, format!("{spans:#?}"))?;
+        }
+        println!("--- {variant}");
+        println!(
+            "requests / spans / traces       : {} / {} / {}",
+            requests,
+            spans.len(),
+            sc.traces
+        );
+        println!(
+            "exactly correct traces          : {} ({:.1} %, target >= {:.0} %)",
+            sc.exact,
+            sc.share() * 100.0,
+            target * 100.0
+        );
+        for (why, n) in &sc.failures {
+            println!("  {why:<45}: {n}");
+        }
+        let links: Vec<String> = [
+            "paired",
+            "linked_by_trace",
+            "linked_by_thread",
+            "sdk_parents",
+            "ambiguous_trace",
+            "ambiguous_thread",
+            "late_starts",
+            "links_evicted",
+        ]
+        .iter()
+        .map(|n| format!("{n}={}", counter(&log, "agent stopped", n)))
+        .collect();
+        println!("agent link counters             : {}", links.join(" "));
+        if let Some(e) = &sc.example {
+            println!("first wrong trace:\n{e}");
+        }
+        rows.push((variant, sc.share(), target));
+    }
+    println!();
+    for (variant, share, target) in rows {
+        let verdict = if share >= target { "meets" } else { "BELOW" };
+        println!(
+            "{variant:<20}: {:.1} % exactly correct ({verdict} the {:.0} % target)",
+            share * 100.0,
+            target * 100.0
+        );
+    }
+    Ok(())
 }
 
 /// Runs h2load for `seconds` against nginx h2c; returns (requests/s, requests done).
