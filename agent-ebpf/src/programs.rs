@@ -5,9 +5,9 @@ use agent_common::{
     AF_INET6, CNT_CONN_FULL, CNT_EVENTS, CNT_NO_ENTRY, CNT_READ_FAULT, CNT_RINGBUF_FULL,
     CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
     FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS, FLAG_LATE_CONN,
-    FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS, NUM_COUNTERS,
-    ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV, SYS_RECVFROM,
-    SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
+    FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS, MAX_IOVECS_LOOP,
+    NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV,
+    SYS_RECVFROM, SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -57,6 +57,8 @@ static CONFIG: Config = Config {
         skc_flags: 0,
         _pad: 0,
     },
+    iov_loop: 0,
+    _pad: 0,
 };
 
 /// Reads one field of `CONFIG` through a volatile load: without it the
@@ -511,9 +513,78 @@ fn copy_user(dst: *mut u8, len: u64, src: u64) -> bool {
     }
 }
 
-/// Walks up to MAX_IOVECS iovecs, copying `total` bytes; returns the bytes copied.
+/// State of the `bpf_loop` iovec walk (on the caller's stack).
+#[repr(C)]
+struct IovWalk {
+    iov: u64,
+    iovcnt: u64,
+    total: u64,
+    off: u64,
+}
+
+/// One iovec of the `bpf_loop` walk: copies it to the per-CPU scratch at
+/// `off`. Returns 1 to stop (done, or a fault), 0 to go on.
+#[inline(never)]
+extern "C" fn iov_step(i: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &mut *(ctx as *mut IovWalk) };
+    if i >= w.iovcnt || w.off >= w.total {
+        return 1;
+    }
+    let Ok(v) =
+        (unsafe { aya_ebpf::helpers::bpf_probe_read_user((w.iov + 16 * i) as *const [u64; 2]) })
+    else {
+        count(CNT_READ_FAULT);
+        return 1;
+    };
+    let off = w.off;
+    let mut n = v[1];
+    if n > w.total - off {
+        n = w.total - off;
+    }
+    if n == 0 {
+        return 0;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() }) else {
+        return 1;
+    };
+    // Verifier: the mask keeps off below MAX_CAPTURE and copy_user clamps n
+    // to MAX_CAPTURE, within the 2 * MAX_CAPTURE payload area.
+    let dst = unsafe { (*scratch).data.as_mut_ptr().add((off & CAP_MASK) as usize) };
+    if !copy_user(dst, n, v[0]) {
+        count(CNT_READ_FAULT);
+        return 1;
+    }
+    w.off = off + n;
+    0
+}
+
+/// Walks the iovecs, copying `total` bytes; returns the bytes copied. With
+/// `bpf_loop` (verified once, whatever the count) up to MAX_IOVECS_LOOP of
+/// them, else an unrolled loop of MAX_IOVECS.
 #[inline(always)]
 fn copy_iovecs(data: *mut u8, iov: u64, iovcnt: u64, total: u64) -> u64 {
+    if cfg!(iov_loop) != 0 {
+        let mut w = IovWalk {
+            iov,
+            iovcnt,
+            total,
+            off: 0,
+        };
+        let n = if iovcnt < MAX_IOVECS_LOOP as u64 {
+            iovcnt
+        } else {
+            MAX_IOVECS_LOOP as u64
+        };
+        unsafe {
+            generated::bpf_loop(
+                n as u32,
+                iov_step as *mut c_void,
+                &mut w as *mut IovWalk as *mut c_void,
+                0,
+            )
+        };
+        return w.off;
+    }
     let mut off: u64 = 0;
     for i in 0..MAX_IOVECS as u64 {
         if i >= iovcnt || off >= total {

@@ -9,8 +9,12 @@ Usage (each prints "ready" once listening):
     topology.py a PORT B_PORT C_PORT forward|none
     topology.py b PORT
     topology.py c PORT
-    topology.py drive GATEWAY_PORT REQUESTS CONCURRENCY
-        sends GET /order/<n> for n in 0..REQUESTS, CONCURRENCY at a time (one
+    topology.py d PORT C_PORT
+        an asyncio HTTP/1 server that calls C for each request (GET /x/N ->
+        GET /stock/N), forwarding nothing: an event loop with several requests
+        open on its one thread, which the agent must not guess at.
+    topology.py drive PORT REQUESTS CONCURRENCY [PREFIX]
+        sends GET PREFIX<n> (default /order/) for n in 0..REQUESTS, CONCURRENCY at a time (one
         keep-alive connection per worker), prints "done <ok> <failed>".
 
 In `forward` mode A passes the trace headers it received on to B and C, as a
@@ -103,7 +107,44 @@ def service_c(port):
     asyncio.run(main())
 
 
-def drive(port, total, conc):
+def service_d(port, c_port):
+    async def call_c(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", c_port)
+        writer.write(b"GET /stock/%s HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n" % n)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        writer.close()
+        return body
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                n = head.split(b"\r\n", 1)[0].split(b" ")[1].rsplit(b"/", 1)[-1]
+                await asyncio.sleep(0.01)
+                body = await call_c(n)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def drive(port, total, conc, prefix="/order/"):
     lock = threading.Lock()
     todo = iter(range(total))
     ok = [0, 0]
@@ -116,7 +157,7 @@ def drive(port, total, conc):
             if n is None:
                 break
             try:
-                c.request("GET", f"/order/{n}")
+                c.request("GET", f"{prefix}{n}")
                 r = c.getresponse()
                 r.read()
                 good = r.status == 200
@@ -144,7 +185,9 @@ if __name__ == "__main__":
         service_b(int(args[0]))
     elif role == "c":
         service_c(int(args[0]))
+    elif role == "d":
+        service_d(int(args[0]), int(args[1]))
     elif role == "drive":
-        drive(int(args[0]), int(args[1]), int(args[2]))
+        drive(int(args[0]), int(args[1]), int(args[2]), *args[3:4])
     else:
         sys.exit(f"unknown role {role}")

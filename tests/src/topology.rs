@@ -79,23 +79,58 @@ impl Topology {
     /// Sends GET /order/0.. `requests`, `concurrency` at a time; returns the
     /// number answered 200.
     pub fn drive(&self, requests: usize, concurrency: usize) -> usize {
-        let out = Command::new(venv_python())
-            .arg(script("topology.py"))
-            .args([
-                "drive",
-                &self.gateway.to_string(),
-                &requests.to_string(),
-                &concurrency.to_string(),
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run the topology driver");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("driver printed {text:?}"))
+        drive(self.gateway, requests, concurrency, "/order/")
     }
+}
+
+/// An asyncio server (D) calling C for each request without forwarding
+/// anything: an event loop, whose calls the agent must not guess at.
+pub struct EventLoop {
+    /// D's port; C's is `services[1]`.
+    pub port: u16,
+    /// Ports of D and C (what the agent traces).
+    pub services: [u16; 2],
+    _d: LineProc,
+    _c: LineProc,
+}
+
+impl EventLoop {
+    pub fn start() -> Self {
+        let (d, c) = (free_port(), free_port());
+        let _c = service(&["c", &c.to_string()], "service C (asyncio)");
+        let _d = service(
+            &["d", &d.to_string(), &c.to_string()],
+            "service D (asyncio, calls C)",
+        );
+        Self {
+            port: d,
+            services: [d, c],
+            _d,
+            _c,
+        }
+    }
+}
+
+/// Sends GET `prefix`0.. `requests` to `port`, `concurrency` at a time (one
+/// keep-alive connection each); returns the number answered 200.
+pub fn drive(port: u16, requests: usize, concurrency: usize, prefix: &str) -> usize {
+    let out = Command::new(venv_python())
+        .arg(script("topology.py"))
+        .args([
+            "drive",
+            &port.to_string(),
+            &requests.to_string(),
+            &concurrency.to_string(),
+            prefix,
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the topology driver");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("driver printed {text:?}"))
 }
 
 /// nginx proxying to A over keep-alive, starting a trace per request.

@@ -266,8 +266,9 @@ fn check_h2_span(span: &Span, case: &H2Case, port: u16, what: &str) {
 }
 
 /// Finds both ends of every case among `spans` and checks them: names,
-/// attributes, statuses, and parents (the header's span id when the request
-/// carried a context, else the SERVER span is the CLIENT span's child).
+/// attributes, statuses, and parents (the CLIENT span's is the header's span
+/// id when the request carried a context; the SERVER span is always the
+/// CLIENT span's child, since both ends are on this host).
 fn check_h2_cases(
     spans: &[Span],
     cases: &[H2Case],
@@ -303,12 +304,14 @@ fn check_h2_cases(
                     .iter()
                     .find(|x| x.kind == "SERVER")
                     .unwrap_or_else(|| panic!("{what}: no SERVER span: {mine:#?}"));
-                for span in [client, server] {
-                    assert_eq!(
-                        &span.parent, s,
-                        "{what}: parent is the header's span id: {span:#?}"
-                    );
-                }
+                assert_eq!(
+                    &client.parent, s,
+                    "{what}: the CLIENT span's parent is the header's span id: {client:#?}"
+                );
+                assert_eq!(
+                    server.parent, client.span_id,
+                    "{what}: the SERVER span's parent is the CLIENT span that sent its request on this host: {server:#?}"
+                );
                 (client, server)
             }
             None => {
@@ -470,12 +473,23 @@ fn an_h2c_upgrade_request_answered_on_stream_1_gives_one_span_per_end() {
     let spans = settle(&receiver, 2, |x| x.trace_id == t);
     let (_, log) = agent.stop_raw();
     assert_eq!(spans.len(), 2, "one CLIENT and one SERVER span for the upgraded request (no extra 101 span): {spans:#?}\n{log}");
+    let client = spans
+        .iter()
+        .find(|x| x.kind == "CLIENT")
+        .unwrap_or_else(|| panic!("no CLIENT span: {spans:#?}"));
     for kind in ["CLIENT", "SERVER"] {
         let span = spans
             .iter()
             .find(|x| x.kind == kind)
             .unwrap_or_else(|| panic!("no {kind} span: {spans:#?}"));
-        assert_eq!(span.parent, s, "{span:#?}");
+        // The request began as HTTP/1 and finished as stream 1: both ends
+        // are still one request, the SERVER span under curl's CLIENT span.
+        let parent = if kind == "CLIENT" {
+            &s
+        } else {
+            &client.span_id
+        };
+        assert_eq!(&span.parent, parent, "{span:#?}\n{log}");
         assert_eq!(span.name, "GET /ok", "{span:#?}");
         assert_eq!(span.need("http.request.method"), "GET");
         assert_eq!(span.need("url.path"), "/ok");
@@ -850,12 +864,14 @@ fn check_grpc_cases(
                     .iter()
                     .find(|x| x.kind == "SERVER")
                     .unwrap_or_else(|| panic!("{what}: no SERVER span: {mine:#?}"));
-                for span in [client, server] {
-                    assert_eq!(
-                        &span.parent, s,
-                        "{what}: parent is the traceparent's span id: {span:#?}"
-                    );
-                }
+                assert_eq!(
+                    &client.parent, s,
+                    "{what}: the CLIENT span's parent is the traceparent's span id: {client:#?}"
+                );
+                assert_eq!(
+                    server.parent, client.span_id,
+                    "{what}: the SERVER span's parent is the CLIENT span that made the call on this host: {server:#?}"
+                );
                 (client, server)
             }
             None => {
@@ -1083,21 +1099,32 @@ fn grpc_channel_opened_before_the_agent_gives_spans_that_are_never_wrong() {
     let spans = settle(&receiver, cases.len() * 2, is_grpc_peer);
     let (_, log) = agent.stop_raw();
     let mut recovered = 0;
+    let by_kind = |kind: &str| {
+        let mut mine: Vec<&Span> = spans.iter().filter(|s| s.kind == kind).collect();
+        mine.sort_by_key(|s| s.start_ns);
+        mine
+    };
+    let clients = by_kind("CLIENT");
     for (kind, service) in [
         ("CLIENT", peers::GRPC_CLIENT_SERVICE),
         ("SERVER", peers::GRPC_SERVER_SERVICE),
     ] {
-        let mut mine: Vec<&Span> = spans.iter().filter(|s| s.kind == kind).collect();
-        mine.sort_by_key(|s| s.start_ns);
+        let mine = by_kind(kind);
         assert_eq!(mine.len(), cases.len(), "one {kind} span per call made after the agent started (none for the warm-up calls): {spans:#?}\n{log}");
         // The calls ran one after another: the i-th span is the i-th call.
-        for (span, case) in mine.iter().zip(&cases) {
+        for (i, (span, case)) in mine.iter().zip(&cases).enumerate() {
             let ctx = format!(
                 "{kind} span of demo.Echo/{} -> {}: {span:#?}",
                 case.method, case.status
             );
             assert_eq!(span.service, service, "{ctx}");
-            if let Some((_, t, s)) = &case.ctx {
+            if kind == "SERVER" {
+                // Both ends are on this host: the stream's CLIENT span is the
+                // parent, whatever the headers said or failed to say.
+                let client = clients[i];
+                assert_eq!(span.parent, client.span_id, "{ctx}");
+                assert_eq!(span.trace_id, client.trace_id, "{ctx}");
+            } else if let Some((_, t, s)) = &case.ctx {
                 if &span.trace_id == t {
                     assert_eq!(&span.parent, s, "{ctx}");
                 } else {

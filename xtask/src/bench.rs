@@ -249,7 +249,7 @@ fn accuracy(requests: usize, concurrency: usize) -> Result<()> {
             } else {
                 "none"
             });
-            fs::write(&path, format!("{spans:#?}"))?;
+            fs::write(&path, format!("{spans:#?}\n{log}"))?;
         }
         println!("--- {variant}");
         println!(
@@ -276,6 +276,10 @@ fn accuracy(requests: usize, concurrency: usize) -> Result<()> {
             "ambiguous_thread",
             "late_starts",
             "links_evicted",
+            "h2_late_connections",
+            "h2_incomplete_exchanges",
+            "h2_hpack_errors",
+            "h2_header_blocks_lost",
         ]
         .iter()
         .map(|n| format!("{n}={}", counter(&log, "agent stopped", n)))

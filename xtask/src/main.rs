@@ -285,6 +285,12 @@ fn build_ebpf() -> Result<PathBuf> {
             BPF_TARGET,
         ])
         .env("RUSTC_BOOTSTRAP", "1")
+        // BTF in the object: the kernel needs its func_info for the
+        // `bpf_loop` callback (and it names the programs' types in bpftool).
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
         .env("CARGO_TARGET_DIR", root().join("target/bpf"))
         .env_remove("RUSTC")
         .env_remove("RUSTUP_TOOLCHAIN")

@@ -15,6 +15,10 @@ pub const DEFAULT_CAPTURE: u32 = 4096;
 /// iovecs walked per `readv`/`writev`/`sendmsg`/`recvmsg`; beyond this the
 /// chunk is marked truncated (the byte count `len` stays exact).
 pub const MAX_IOVECS: u32 = 32;
+/// iovecs walked with `bpf_loop` (kernel >= 5.17, [`Config::iov_loop`]):
+/// gRPC's C core batches several streams' frames into one `sendmsg` of more
+/// than 32 slices, and a hole there costs the HPACK table of the connection.
+pub const MAX_IOVECS_LOOP: u32 = 1024;
 /// Most CPUs the per-CPU syscall slots are sized and searched for.
 pub const MAX_CPUS: u32 = 512;
 /// Length of a task's `comm`.
@@ -193,8 +197,13 @@ pub struct Config {
     /// Possible CPUs (<= MAX_CPUS): the `SLOTS` map holds two per CPU.
     pub nr_cpus: u32,
     pub offsets: KernelOffsets,
+    /// 1: walk iovecs with `bpf_loop` (up to MAX_IOVECS_LOOP); 0: the
+    /// unrolled MAX_IOVECS loop (older kernels). A constant to the verifier,
+    /// so the other path is dead code it never checks.
+    pub iov_loop: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 112);
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
 
 /// Connection 4-tuple. Addresses are in network byte order as the kernel
 /// stores them (IPv4 in the first 4 bytes); ports in host byte order.

@@ -119,6 +119,8 @@ impl CaptureConfig {
             capture_cap: self.capture_bytes,
             nr_cpus,
             offsets,
+            iov_loop: u32::from(kernel_at_least(5, 17)),
+            _pad: 0,
         })
     }
 
@@ -451,4 +453,24 @@ mod tests {
         c.comms = vec![String::new()];
         assert!(c.comm_keys().is_err());
     }
+}
+
+/// Whether the running kernel's release is at least `major.minor` (from
+/// uname; `bpf_loop` came in 5.17).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: uname fills the zeroed struct it is given.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8 as char)
+        .collect();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+    let (a, b) = (num(parts.next()), num(parts.next()));
+    (a, b) >= (major, minor)
 }

@@ -500,7 +500,14 @@ impl SpanBuilder {
             return;
         }
         let key = (ex.conn, ex.stream(), ex.request_first_ns);
-        let id = match self.by_request.get(&key) {
+        // An h2c upgrade makes the HTTP/1 request (started as stream 0)
+        // stream 1 of the HTTP/2 connection that follows.
+        let started = self.by_request.get(&key).or_else(|| {
+            (key.1 == 1)
+                .then(|| self.by_request.get(&(key.0, 0, key.2)))
+                .flatten()
+        });
+        let id = match started {
             Some(id) => *id,
             None => {
                 self.counters.late_starts += 1;
@@ -1149,6 +1156,12 @@ mod tests {
         e
     }
 
+    /// The exchange as an h2c upgrade finishes it: HTTP/2 stream 1.
+    fn upgraded(mut e: HttpExchange) -> HttpExchange {
+        e.protocol = Protocol::Http2 { stream_id: 1 };
+        e
+    }
+
     fn run(b: &mut SpanBuilder, steps: Vec<Step>) -> Vec<SpanRecord> {
         let mut out = vec![];
         for s in steps {
@@ -1217,6 +1230,20 @@ mod tests {
                     Start(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141))),
                     Done(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141))),
                     Done(named(Role::Client, GW, 1, "/a", &[("traceparent", &tp_in)], (100, 101, 145, 150))),
+                ],
+                vec![("/a", Want::Header(S)), ("/a-s", Want::Span("/a"))],
+                c(|k| {
+                    k.paired = 1;
+                    k.context_w3c = 2;
+                }),
+            ),
+            (
+                "h2c upgrade: started as HTTP/1, finished as stream 1, still one request per end",
+                vec![
+                    Start(named(Role::Client, GW, 1, "/a", &[("traceparent", &tp_in)], (100, 101, 145, 150))),
+                    Start(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141))),
+                    Done(upgraded(named(Role::Server, GW_S, 2, "/a-s", &[("traceparent", &tp_in)], (110, 111, 140, 141)))),
+                    Done(upgraded(named(Role::Client, GW, 1, "/a", &[("traceparent", &tp_in)], (100, 101, 145, 150)))),
                 ],
                 vec![("/a", Want::Header(S)), ("/a-s", Want::Span("/a"))],
                 c(|k| {
