@@ -21,6 +21,11 @@ pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info`, `agent=debug`.
     #[arg(long, env = "AGENT_LOG", default_value = "info", global = true)]
     pub log: String,
+    /// A header field or query parameter name whose value never leaves the
+    /// host, in addition to the built-in list (repeatable; compared like
+    /// those: case-insensitively, percent-decoded, ignoring `-`, `_`, `.`).
+    #[arg(long = "redact", value_name = "NAME", global = true)]
+    pub redact: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -89,6 +94,11 @@ pub struct DumpArgs {
     /// `json`: a line per chunk; `summary`: a line per connection, at close.
     #[arg(long, value_enum, default_value_t = DumpFormat::Json)]
     pub format: DumpFormat,
+    /// Print payloads as captured, credentials included (by default the
+    /// values of sensitive HTTP/1 header lines and query parameters are
+    /// replaced, as in spans).
+    #[arg(long)]
+    pub no_redact: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

@@ -99,7 +99,7 @@ pub fn to_json(c: &Chunk, epoch_offset_ns: i128) -> String {
         peer_pos: c.has_pos.then_some(c.peer_pos),
         syscall: syscall_name(c.syscall),
         duration_ns: c.ts_exit_ns.saturating_sub(c.ts_enter_ns),
-        payload: escape_payload(&c.payload),
+        payload: escape_payload(&crate::redact::active().http1_text(&c.payload)),
     };
     serde_json::to_string(&line).unwrap_or_default()
 }

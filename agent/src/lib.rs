@@ -10,3 +10,4 @@ pub mod decode;
 pub mod dump;
 pub mod export;
 pub mod pipeline;
+pub mod redact;

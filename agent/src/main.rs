@@ -38,6 +38,10 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    agent::redact::configure(match &cli.command {
+        Some(Command::Dump(d)) if d.no_redact => agent::redact::Redaction::off(),
+        _ => agent::redact::Redaction::new(&cli.redact),
+    });
     preflight::check()?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

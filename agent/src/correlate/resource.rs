@@ -56,21 +56,7 @@ pub fn service_from_resource_attributes(v: &str) -> Option<String> {
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&crate::redact::percent_decode(s.as_bytes())).into_owned()
 }
 
 /// Builds and caches resources per pid.
@@ -181,6 +167,30 @@ mod tests {
                 "process.executable.name",
                 AttrValue::Str("python3.11".to_string())
             )));
+        }
+    }
+
+    /// A traced process's environment is untrusted input: any bytes give a
+    /// name or none, never a panic (`%aé` sliced a `str` mid-character).
+    #[test]
+    fn resource_attributes_table() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("service.name=%aé", Some("%aé")),
+            ("service.name=%é", Some("%é")),
+            ("service.name=a%", Some("a%")),
+            ("service.name=%41%42", Some("AB")),
+            ("service.name=caf%C3%A9", Some("café")),
+            ("service.name=%ff", Some("\u{fffd}")),
+            ("service.name=", None),
+            ("x=1, service.name = svc ", Some("svc")),
+            ("service.name", None),
+        ];
+        for (v, want) in cases {
+            assert_eq!(
+                service_from_resource_attributes(v).as_deref(),
+                *want,
+                "{v:?}"
+            );
         }
     }
 

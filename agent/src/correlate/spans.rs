@@ -51,30 +51,6 @@ use crate::{
     decode::{Headers, HttpExchange, Outcome, Protocol, RequestStart},
 };
 
-/// Query parameters whose values are redacted in `url.query` (the
-/// OpenTelemetry HTTP conventions' list plus common credential names).
-const SENSITIVE_QUERY_PARAMS: &[&str] = &[
-    "awsaccesskeyid",
-    "signature",
-    "sig",
-    "x-goog-signature",
-    "x-amz-signature",
-    "x-amz-credential",
-    "x-amz-security-token",
-    "token",
-    "access_token",
-    "id_token",
-    "refresh_token",
-    "api_key",
-    "apikey",
-    "key",
-    "password",
-    "passwd",
-    "pwd",
-    "secret",
-    "client_secret",
-    "auth",
-];
 const KNOWN_METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
 ];
@@ -118,6 +94,17 @@ pub struct SpanCounters {
     /// thread had several open (event loop; with `MostRecent`, linked anyway).
     pub ambiguous_trace: u64,
     pub ambiguous_thread: u64,
+    /// CLIENT requests left unlinked because the thread that sent them had
+    /// another call for the same SERVER request in flight on the same
+    /// connection (a client library writing other threads' calls, as
+    /// grpcio's does): the thread does not tell whose call it is.
+    pub overlapping_calls: u64,
+    /// Of those, earlier calls already linked whose link could not be taken
+    /// back (their peer had gone out or had children).
+    pub overlapping_kept: u64,
+    /// SERVER requests paired with their CLIENT although the CLIENT's start
+    /// was reported after theirs (different CPUs, different drain passes).
+    pub late_pairs: u64,
     /// Exchanges that finished without a reported request start.
     pub late_starts: u64,
     /// Tracked requests cut short by the bound (their links are lost).
@@ -164,6 +151,13 @@ struct Open {
     moments: Option<(u64, u64)>,
     emitted: bool,
     expires_ns: u64,
+    /// CLIENT: its parent was chosen by the sending thread.
+    via_thread: bool,
+    /// SERVER: a thread sent overlapping calls for it; no more thread links.
+    multiplexed: bool,
+    /// Spans whose trace was taken from this one (in-process children, the
+    /// mirrored peer): while there are none, its trace can still change.
+    children: u32,
 }
 
 pub struct SpanBuilder {
@@ -178,6 +172,12 @@ pub struct SpanBuilder {
     by_request: HashMap<RequestKey, u64>,
     /// CLIENT requests not yet matched by a SERVER start, oldest first.
     mirror: HashMap<MirrorKey, VecDeque<u64>>,
+    /// SERVER requests whose start found no CLIENT to mirror, for a CLIENT
+    /// start reported just after them; `orphan_order` ages them out.
+    orphans: HashMap<MirrorKey, VecDeque<u64>>,
+    orphan_order: VecDeque<(u64, MirrorKey, u64)>,
+    /// CLIENT requests linked by their thread and not finished, per thread.
+    calls: HashMap<(u32, u32), Vec<u64>>,
     /// SERVER requests by (pid, tid) that received them.
     threads: HashMap<(u32, u32), Slot>,
     /// SERVER requests by (pid, trace id received or given).
@@ -233,6 +233,9 @@ impl SpanBuilder {
             expiry: BinaryHeap::new(),
             by_request: HashMap::new(),
             mirror: HashMap::new(),
+            orphans: HashMap::new(),
+            orphan_order: VecDeque::new(),
+            calls: HashMap::new(),
             threads: HashMap::new(),
             traces: HashMap::new(),
             spans: HashMap::new(),
@@ -296,7 +299,9 @@ impl SpanBuilder {
             SpanKind::Server => (s.remote, s.local, s.stream),
         };
         let t = s.request_first_ns;
+        self.age_orphans(now_ns);
         let mut link: Option<Link> = None;
+        let mut via_thread = false;
         match kind {
             SpanKind::Server => {
                 if let Some(c) = self.take_mirror(mirror, t) {
@@ -307,8 +312,13 @@ impl SpanBuilder {
                 }
             }
             SpanKind::Client => {
-                if let Some(p) = self.in_process_parent(s.pid, s.tid, t, ctx.as_ref()) {
-                    if let Some(o) = self.opens.get(&p) {
+                let found = self.in_process_parent(s.pid, s.tid, t, ctx.as_ref());
+                let found = match found {
+                    Some((p, true)) => self.unless_overlapping(s, p),
+                    other => other.map(|(p, _)| p),
+                };
+                if let Some(p) = found {
+                    if let Some(o) = self.opens.get_mut(&p) {
                         link = Some(match &ctx {
                             Some(c)
                                 if Some(c.span_id) != o.ctx.as_ref().map(|r| r.span_id)
@@ -317,7 +327,11 @@ impl SpanBuilder {
                                 self.counters.sdk_parents += 1;
                                 (Some(c.span_id), c.trace_id, true, o.sampled, None)
                             }
-                            _ => (Some(o.span_id), o.trace_id, false, o.sampled, None),
+                            _ => {
+                                o.children += 1;
+                                via_thread = ctx.is_none();
+                                (Some(o.span_id), o.trace_id, false, o.sampled, None)
+                            }
                         });
                     }
                 }
@@ -336,10 +350,24 @@ impl SpanBuilder {
         let span_id = SpanId::random();
         if let Some(p) = peer.and_then(|p| self.opens.get_mut(&p)) {
             p.peer = Some(id);
+            p.children += 1;
         }
+        let mut adopted = None;
         match kind {
-            SpanKind::Client => self.mirror.entry(mirror).or_default().push_back(id),
+            SpanKind::Client => {
+                adopted = self.take_orphan(mirror, t);
+                if adopted.is_none() {
+                    self.mirror.entry(mirror).or_default().push_back(id);
+                }
+                if via_thread {
+                    self.calls.entry((s.pid, s.tid)).or_default().push(id);
+                }
+            }
             SpanKind::Server => {
+                if peer.is_none() {
+                    self.orphans.entry(mirror).or_default().push_back(id);
+                    self.orphan_order.push_back((now_ns, mirror, id));
+                }
                 index(&mut self.threads, (s.pid, s.tid), id);
                 index(&mut self.traces, (s.pid, trace_id), id);
                 if let Some(c) = ctx.as_ref().filter(|c| c.trace_id != trace_id) {
@@ -366,13 +394,26 @@ impl SpanBuilder {
                 remote_parent,
                 sampled,
                 ctx,
-                peer,
+                peer: peer.or(adopted),
                 held: None,
                 moments: None,
                 emitted: false,
                 expires_ns,
+                via_thread,
+                multiplexed: false,
+                children: u32::from(adopted.is_some()),
             },
         );
+        if let Some(sv) = adopted {
+            self.counters.paired += 1;
+            self.counters.late_pairs += 1;
+            self.retrace(sv, trace_id, sampled);
+            if let Some(o) = self.opens.get_mut(&sv) {
+                o.parent = Some(span_id);
+                o.remote_parent = false;
+                o.peer = Some(id);
+            }
+        }
         self.expiry.push(Reverse((expires_ns, id)));
         while self.opens.len() > MAX_OPEN {
             // Entries that expire first go first: those lingering after their
@@ -400,6 +441,143 @@ impl SpanBuilder {
                     self.counters.context_b3 += 1
                 }
                 context::Format::Jaeger => self.counters.context_jaeger += 1,
+            }
+        }
+    }
+
+    /// `p`, the SERVER request a CLIENT request's thread serves, unless that
+    /// thread already has a call for `p` in flight on the same connection:
+    /// a caller that waits for its answer sends one at a time, so the thread
+    /// is writing other threads' calls too, and neither call is linked
+    /// (the earlier one loses its link if nothing has followed it yet).
+    fn unless_overlapping(&mut self, s: &RequestStart, p: u64) -> Option<u64> {
+        let parent = self.opens.get(&p)?;
+        let parent_span = parent.span_id;
+        let mut clash = parent.multiplexed;
+        if let Some(v) = self.calls.get_mut(&(s.pid, s.tid)) {
+            let opens = &self.opens;
+            v.retain(|c| opens.get(c).is_some_and(|o| o.moments.is_none()));
+            for c in v.iter() {
+                let Some(o) = opens.get(c) else { continue };
+                if o.via_thread
+                    && o.parent == Some(parent_span)
+                    && (o.mirror.0, o.mirror.1) == (s.local, s.remote)
+                    && o.start_ns <= s.request_first_ns
+                {
+                    clash = true;
+                }
+            }
+        }
+        if !clash {
+            return Some(p);
+        }
+        self.counters.overlapping_calls += 1;
+        if let Some(o) = self.opens.get_mut(&p) {
+            o.multiplexed = true;
+        }
+        let earlier: Vec<u64> = self
+            .calls
+            .get(&(s.pid, s.tid))
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|c| {
+                        self.opens
+                            .get(c)
+                            .is_some_and(|o| o.via_thread && o.parent == Some(parent_span))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for c in earlier {
+            self.unlink_call(c, p);
+        }
+        None
+    }
+
+    /// Takes back the thread link of CLIENT `c` to SERVER `p`: it starts a
+    /// trace of its own, with its peer, unless either has been exported or
+    /// has children.
+    fn unlink_call(&mut self, c: u64, p: u64) {
+        let Some(o) = self.opens.get(&c) else { return };
+        let peer = o.peer.and_then(|pe| self.opens.get(&pe).map(|po| (pe, po)));
+        let fixed = o.emitted
+            || o.children > u32::from(peer.is_some())
+            || peer.is_some_and(|(_, po)| po.emitted || po.children > 0);
+        if fixed {
+            self.counters.overlapping_kept += 1;
+            return;
+        }
+        let peer = peer.map(|(pe, _)| pe);
+        let trace = TraceId::random();
+        let sampled = self.sampler.should_sample(trace, None);
+        self.retrace(c, trace, sampled);
+        if let Some(pe) = peer {
+            self.retrace(pe, trace, sampled);
+        }
+        if let Some(o) = self.opens.get_mut(&c) {
+            o.parent = None;
+            o.remote_parent = false;
+            o.via_thread = false;
+        }
+        if let Some(o) = self.opens.get_mut(&p) {
+            o.children = o.children.saturating_sub(1);
+        }
+    }
+
+    /// Moves span `id` to another trace (its trace-id index entry with it).
+    fn retrace(&mut self, id: u64, trace: TraceId, sampled: bool) {
+        let Some(o) = self.opens.get_mut(&id) else {
+            return;
+        };
+        let (old, pid, indexed) = (
+            o.trace_id,
+            o.pid,
+            o.kind == SpanKind::Server && o.answered_ns.is_none(),
+        );
+        o.trace_id = trace;
+        o.sampled = sampled;
+        if indexed && old != trace {
+            unindex(&mut self.traces, (pid, old), id);
+            index(&mut self.traces, (pid, trace), id);
+        }
+    }
+
+    /// A SERVER request of the mirrored connection, received at or after
+    /// `t`, that found no CLIENT when it started and can still take one as
+    /// its parent (nothing exported, no children yet).
+    fn take_orphan(&mut self, key: MirrorKey, t: u64) -> Option<u64> {
+        let q = self.orphans.get_mut(&key)?;
+        let opens = &self.opens;
+        let i = q.iter().position(|id| {
+            opens.get(id).is_some_and(|o| {
+                o.start_ns >= t && !o.emitted && o.children == 0 && o.peer.is_none()
+            })
+        })?;
+        let id = q.remove(i);
+        if q.is_empty() {
+            self.orphans.remove(&key);
+        }
+        id
+    }
+
+    /// Forgets orphans older than the assembly window.
+    fn age_orphans(&mut self, now_ns: u64) {
+        while let Some(&(at, key, id)) = self.orphan_order.front() {
+            if at.saturating_add(self.window_ns) > now_ns && self.orphan_order.len() <= MAX_OPEN {
+                break;
+            }
+            self.orphan_order.pop_front();
+            if let Some(q) = self.orphans.get_mut(&key) {
+                // Per key the queue is in arrival order: the front, usually.
+                if q.front() == Some(&id) {
+                    q.pop_front();
+                } else {
+                    q.retain(|i| *i != id);
+                }
+                if q.is_empty() {
+                    self.orphans.remove(&key);
+                }
             }
         }
     }
@@ -433,7 +611,7 @@ impl SpanBuilder {
         tid: u32,
         t: u64,
         ctx: Option<&RemoteContext>,
-    ) -> Option<u64> {
+    ) -> Option<(u64, bool)> {
         // A crowded slot stands for "many": two made-up ids that match nothing.
         let open = |slot: Option<&Slot>| -> Vec<u64> {
             match slot {
@@ -454,7 +632,7 @@ impl SpanBuilder {
                 [] => None,
                 [one] => {
                     self.counters.linked_by_trace += 1;
-                    Some(*one)
+                    Some((*one, false))
                 }
                 many => {
                     // The same trace twice in one process: the thread decides.
@@ -465,7 +643,7 @@ impl SpanBuilder {
                         .collect();
                     if let [one] = mine.as_slice() {
                         self.counters.linked_by_trace += 1;
-                        Some(*one)
+                        Some((*one, false))
                     } else {
                         self.counters.ambiguous_trace += 1;
                         None
@@ -477,7 +655,7 @@ impl SpanBuilder {
             [] => None,
             [one] => {
                 self.counters.linked_by_thread += 1;
-                Some(*one)
+                Some((*one, true))
             }
             many => {
                 self.counters.ambiguous_thread += 1;
@@ -486,7 +664,8 @@ impl SpanBuilder {
                     ThreadLink::MostRecent => many
                         .iter()
                         .copied()
-                        .max_by_key(|id| self.opens.get(id).map_or(0, |o| o.start_ns)),
+                        .max_by_key(|id| self.opens.get(id).map_or(0, |o| o.start_ns))
+                        .map(|id| (id, true)),
                 }
             }
         }
@@ -535,6 +714,18 @@ impl SpanBuilder {
                 unindex(&mut self.traces, (pid, t), id);
             }
         }
+        if o.kind == SpanKind::Client && o.via_thread {
+            let k = (o.pid, o.tid);
+            if let Some(v) = self.calls.get_mut(&k) {
+                v.retain(|i| *i != id);
+                if v.is_empty() {
+                    self.calls.remove(&k);
+                }
+            }
+        }
+        let Some(o) = self.opens.get_mut(&id) else {
+            return;
+        };
         // A CLIENT is matched or not by now: a server reads a request before
         // the client can have its response.
         if o.kind == SpanKind::Client && o.peer.is_none() {
@@ -651,6 +842,12 @@ impl SpanBuilder {
         self.spans.remove(&(o.pid, o.span_id));
         match o.kind {
             SpanKind::Client => {
+                if let Some(v) = self.calls.get_mut(&(o.pid, o.tid)) {
+                    v.retain(|i| *i != id);
+                    if v.is_empty() {
+                        self.calls.remove(&(o.pid, o.tid));
+                    }
+                }
                 if let Some(q) = self.mirror.get_mut(&o.mirror) {
                     q.retain(|i| *i != id);
                     if q.is_empty() {
@@ -859,24 +1056,12 @@ pub fn url_path(target: &str) -> String {
     }
 }
 
-/// Query of a request-target with the values of sensitive parameters replaced.
+/// Query of a request-target with the values of sensitive parameters
+/// replaced (see [`crate::redact`]).
 pub fn redacted_query(target: &str) -> Option<String> {
     let q = target.split_once('?')?.1;
     let q = q.split('#').next().unwrap_or("");
-    let parts: Vec<String> = q
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _))
-                if SENSITIVE_QUERY_PARAMS
-                    .iter()
-                    .any(|s| s.eq_ignore_ascii_case(k)) =>
-            {
-                format!("{k}=REDACTED")
-            }
-            _ => pair.to_string(),
-        })
-        .collect();
-    Some(parts.join("&"))
+    Some(crate::redact::active().query(q).into_owned())
 }
 
 /// Host and port of a Host header value (`name`, `name:port`, `[v6]:port`).
@@ -1157,8 +1342,12 @@ mod tests {
     }
 
     /// The exchange as an h2c upgrade finishes it: HTTP/2 stream 1.
-    fn upgraded(mut e: HttpExchange) -> HttpExchange {
-        e.protocol = Protocol::Http2 { stream_id: 1 };
+    fn upgraded(e: HttpExchange) -> HttpExchange {
+        on_stream(e, 1)
+    }
+
+    fn on_stream(mut e: HttpExchange, stream_id: u32) -> HttpExchange {
+        e.protocol = Protocol::Http2 { stream_id };
         e
     }
 
@@ -1250,6 +1439,51 @@ mod tests {
                     k.paired = 1;
                     k.context_w3c = 2;
                 }),
+            ),
+            (
+                "the server's start reported before its client's: still paired",
+                vec![
+                    Start(named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141))),
+                    Start(named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150))),
+                    Done(named(Role::Server, GW_S, 2, "/a-s", &[], (110, 111, 140, 141))),
+                    Done(named(Role::Client, GW, 1, "/a", &[], (100, 101, 145, 150))),
+                ],
+                vec![("/a", Want::Root), ("/a-s", Want::Span("/a"))],
+                c(|k| {
+                    k.paired = 1;
+                    k.late_pairs = 1;
+                }),
+            ),
+            (
+                "a thread writes another thread's call on a shared connection: neither call is linked",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 200, 201))),
+                    Start(named(Role::Server, GW2_S, 8, "/in2", &[], (102, 103, 210, 211))),
+                    Start(on_stream(named(Role::Client, OUT, 7, "/out1", &[], (120, 121, 150, 151)), 1)),
+                    Start(on_stream(named(Role::Client, OUT, 7, "/out2", &[], (125, 126, 155, 156)), 3)),
+                    Done(on_stream(named(Role::Client, OUT, 7, "/out1", &[], (120, 121, 150, 151)), 1)),
+                    Done(on_stream(named(Role::Client, OUT, 7, "/out2", &[], (125, 126, 155, 156)), 3)),
+                    Done(named(Role::Server, GW_S, 7, "/in1", &[], (100, 101, 200, 201))),
+                    Done(named(Role::Server, GW2_S, 8, "/in2", &[], (102, 103, 210, 211))),
+                ],
+                vec![("/in1", Want::Root), ("/in2", Want::Root), ("/out1", Want::Root), ("/out2", Want::Root)],
+                c(|k| {
+                    k.linked_by_thread = 2;
+                    k.overlapping_calls = 1;
+                }),
+            ),
+            (
+                "one call after another from the thread on one connection: both linked",
+                vec![
+                    Start(named(Role::Server, GW_S, 7, "/in", &[], (100, 101, 200, 201))),
+                    Start(on_stream(named(Role::Client, OUT, 7, "/out1", &[], (120, 121, 130, 131)), 1)),
+                    Done(on_stream(named(Role::Client, OUT, 7, "/out1", &[], (120, 121, 130, 131)), 1)),
+                    Start(on_stream(named(Role::Client, OUT, 7, "/out2", &[], (140, 141, 150, 151)), 3)),
+                    Done(on_stream(named(Role::Client, OUT, 7, "/out2", &[], (140, 141, 150, 151)), 3)),
+                    Done(named(Role::Server, GW_S, 7, "/in", &[], (100, 101, 200, 201))),
+                ],
+                vec![("/in", Want::Root), ("/out1", Want::Span("/in")), ("/out2", Want::Span("/in"))],
+                c(|k| k.linked_by_thread = 2),
             ),
             (
                 "thread-per-request, nothing forwarded: the call under the request its thread serves",

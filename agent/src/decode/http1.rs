@@ -74,19 +74,6 @@ pub struct DecodeCounters {
     pub lost_to_gaps: u64,
 }
 
-/// Dropped entirely from stored headers: credentials and session tokens must
-/// never leave the host inside spans.
-const SENSITIVE_HEADERS: [&str; 8] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
-    "x-auth-token",
-    "x-csrf-token",
-    "x-xsrf-token",
-];
-
 /// httparse needs a fixed header slot array; more headers than this is treated
 /// as a malformed head rather than a reason to allocate without bound.
 const MAX_HEADERS: usize = 128;
@@ -292,10 +279,10 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end.max(start)]
 }
 
+/// Header fields dropped entirely from stored headers: credentials and
+/// session tokens never leave the host inside spans (see [`crate::redact`]).
 pub(crate) fn is_sensitive(name: &[u8]) -> bool {
-    SENSITIVE_HEADERS
-        .iter()
-        .any(|s| s.as_bytes().eq_ignore_ascii_case(name))
+    crate::redact::active().sensitive(name)
 }
 
 fn parse_head(buf: &[u8], side: Side) -> HeadParse {
