@@ -410,6 +410,26 @@ pub fn monotonic_to_unix_offset_ns() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) - mono
 }
 
+/// Whether the running kernel's release is at least `major.minor` (from
+/// uname; `bpf_loop` came in 5.17).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: uname fills the zeroed struct it is given.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8 as char)
+        .collect();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let num = |p: Option<&str>| p.and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+    let (a, b) = (num(parts.next()), num(parts.next()));
+    (a, b) >= (major, minor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,24 +473,4 @@ mod tests {
         c.comms = vec![String::new()];
         assert!(c.comm_keys().is_err());
     }
-}
-
-/// Whether the running kernel's release is at least `major.minor` (from
-/// uname; `bpf_loop` came in 5.17).
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    // SAFETY: uname fills the zeroed struct it is given.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return false;
-    }
-    let release: String = u
-        .release
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8 as char)
-        .collect();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let num = |p: Option<&str>| p.and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-    let (a, b) = (num(parts.next()), num(parts.next()));
-    (a, b) >= (major, minor)
 }
