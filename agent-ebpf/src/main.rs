@@ -28,3 +28,13 @@ mod programs;
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+/// The license the kernel reads from the object's `license` section. The
+/// programs call GPL-only helpers (`bpf_probe_read_kernel`, `bpf_loop`'s
+/// callers' reads), which the verifier allows only to GPL-compatible code;
+/// the kernel side is offered under the GPL as well as the workspace's
+/// licenses for that reason.
+#[cfg(target_arch = "bpf")]
+#[no_mangle]
+#[link_section = "license"]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -225,10 +225,12 @@ fn secrets_never_leave_the_host_and_a_process_names_its_own_service() {
     let t = random_hex(16);
     curl(
         port,
-        "/login?user=bob&token=S3CR3T-QUERY&password=S3CR3T-PW",
+        "/login?user=bob&token=S3CR3T-QUERY&password=S3CR3T-PW;code=S3CR3T-CODE&my_token=S3CR3T-MINE&pass%77ord=S3CR3T-ENC&accessToken=S3CR3T-AT",
         &[
             format!("traceparent: 00-{t}-{}-01", random_hex(8)),
             "Authorization: Bearer S3CR3T-BEARER".into(),
+            "X-Api-Key: S3CR3T-APIKEY".into(),
+            "X-Private-Token: S3CR3T-PRIVATE".into(),
             "Cookie: session=S3CR3T-COOKIE".into(),
             "Proxy-Authorization: Basic S3CR3T-PROXY".into(),
         ],
@@ -248,7 +250,7 @@ fn secrets_never_leave_the_host_and_a_process_names_its_own_service() {
     for s in &mine {
         assert_eq!(
             attr_str(s, "url.query"),
-            "user=bob&token=REDACTED&password=REDACTED"
+            "user=bob&token=REDACTED&password=REDACTED;code=REDACTED&my_token=REDACTED&pass%77ord=REDACTED&accessToken=REDACTED"
         );
     }
     let server_span = mine
