@@ -111,6 +111,25 @@ pub fn nginx_with_access_log(dir: &Path, root: &Path, port: u16, access_log: &Pa
     start_nginx(dir, root, port, 1, Some(access_log))
 }
 
+/// Starts nginx (foreground) with configuration `conf` written into `dir`
+/// and waits until it listens on `port`.
+pub fn run_nginx(dir: &Path, conf: &str, port: u16) -> Proc {
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nginx (installed by cargo xtask setup)");
+    let p = Proc(child);
+    wait_port(port);
+    p
+}
+
 fn start_nginx(
     dir: &Path,
     root: &Path,
@@ -133,20 +152,7 @@ http {{
         d = dir.display(),
         r = root.display()
     );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf).expect("write nginx.conf");
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nginx (installed by cargo xtask setup)");
-    let p = Proc(child);
-    wait_port(port);
-    p
+    run_nginx(dir, &conf, port)
 }
 
 /// A running `agent dump` whose stdout goes to a file.

@@ -228,20 +228,7 @@ http {{
         r = root.display(),
         h2 = if http2 { " http2" } else { "" },
     );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf).expect("write nginx.conf");
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nginx (installed by cargo xtask setup)");
-    let p = Proc(child);
-    wait_port(port);
-    p
+    crate::run_nginx(dir, &conf, port)
 }
 
 /// The hypercorn HTTP/2 server (`tests/peers/h2_server.py`): h2c with prior

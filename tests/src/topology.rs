@@ -17,7 +17,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -27,7 +26,7 @@ use crate::{
     free_port,
     otlp_receiver::ReceivedSpan,
     peers::{script, venv_python, LineProc},
-    wait_port, Proc,
+    Proc,
 };
 
 /// The span id the gateway puts in every traceparent it makes up.
@@ -154,20 +153,7 @@ http {{
 ",
         d = dir.display()
     );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf).expect("write nginx.conf");
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nginx (installed by cargo xtask setup)");
-    let p = Proc(child);
-    wait_port(port);
-    p
+    crate::run_nginx(dir, &conf, port)
 }
 
 /// How the exported traces compare with the expected ones.
