@@ -316,9 +316,39 @@ fn build(release: bool) -> Result<PathBuf> {
         .join("agent"))
 }
 
+/// Quality gates of a full run: formatting and clippy on the host crates
+/// (warnings are errors).
+fn gates() -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["fmt", "--all", "--check"]))
+    .context("cargo fmt --check: run `cargo fmt --all`")?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "clippy",
+            "-p",
+            "agent",
+            "-p",
+            "xtask",
+            "-p",
+            "integration-tests",
+            "--all-targets",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("AGENT_EBPF_OBJECT", ebpf_object()))
+    .context("cargo clippy -D warnings")
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let agent = build(true)?;
+    if args.is_empty() {
+        gates()?;
+    }
     // Unit tests of every host crate.
     run(Command::new("cargo")
         .current_dir(root())

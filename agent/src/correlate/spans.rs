@@ -57,6 +57,8 @@ const KNOWN_METHODS: &[&str] = &[
 /// Requests the correlator tracks (open, held, or lingering for late
 /// lookups); beyond this the entries that expire first are cut short.
 const MAX_OPEN: usize = 65536;
+/// How long a span that went out stays known for late lookups.
+const LINGER_NS: u64 = 300_000_000;
 /// An open request whose exchange never finishes (lost, or a connection the
 /// decoder dropped) is forgotten after this long.
 const OPEN_MAX_AGE_NS: u64 = 300_000_000_000;
@@ -146,7 +148,7 @@ struct Open {
     /// The other end of this request on this host.
     peer: Option<u64>,
     /// Finished, waiting for the peer's moments (at most until `expires_ns`).
-    held: Option<HttpExchange>,
+    held: Option<Box<HttpExchange>>,
     /// (first, last) moment of the finished exchange, for the peer's events.
     moments: Option<(u64, u64)>,
     emitted: bool,
@@ -561,10 +563,12 @@ impl SpanBuilder {
         id
     }
 
-    /// Forgets orphans older than the assembly window.
+    /// Forgets orphans older than a linger (a CLIENT start comes a drain pass
+    /// or two late, not seconds).
     fn age_orphans(&mut self, now_ns: u64) {
         while let Some(&(at, key, id)) = self.orphan_order.front() {
-            if at.saturating_add(self.window_ns) > now_ns && self.orphan_order.len() <= MAX_OPEN {
+            let age = self.window_ns.min(LINGER_NS);
+            if at.saturating_add(age) > now_ns && self.orphan_order.len() <= MAX_OPEN {
                 break;
             }
             self.orphan_order.pop_front();
@@ -752,7 +756,7 @@ impl SpanBuilder {
             }
             // Its other end on this host has not finished yet: hold it.
             (Some(_), None) => {
-                o.held = Some(ex);
+                o.held = Some(Box::new(ex));
                 o.expires_ns = now_ns.saturating_add(window);
                 let e = o.expires_ns;
                 self.expiry.push(Reverse((e, id)));
@@ -769,13 +773,17 @@ impl SpanBuilder {
         let Some(o) = self.opens.get_mut(&id) else {
             return;
         };
-        let Some(ex) = ex.or_else(|| o.held.take()) else {
+        let Some(ex) = ex.or_else(|| o.held.take().map(|b| *b)) else {
             return;
         };
         o.emitted = true;
-        // Kept a window past its end for late lookups (its peer's events,
-        // CLIENT starts of its thread reported after it finished).
-        let linger = o.moments.map_or(0, |m| m.1).saturating_add(window);
+        // Kept a little past its end for late lookups (CLIENT starts of its
+        // thread reported after it finished, a drain pass or two late): not
+        // the whole assembly window, which would multiply the live state.
+        let linger = o
+            .moments
+            .map_or(0, |m| m.1)
+            .saturating_add(window.min(LINGER_NS));
         o.expires_ns = o.expires_ns.min(linger);
         let e = o.expires_ns;
         self.expiry.push(Reverse((e, id)));
