@@ -156,32 +156,32 @@ impl Redaction {
     /// `query` with the values of sensitive parameters replaced by
     /// `REDACTED` (borrowed when nothing is).
     pub fn query<'a>(&self, query: &'a str) -> Cow<'a, str> {
-        let hit = |pair: &str| {
-            pair.split_once('=')
-                .is_some_and(|(k, _)| self.sensitive(k.as_bytes()))
-        };
-        if !query.split(['&', ';']).any(hit) {
-            return Cow::Borrowed(query);
-        }
-        let mut out = String::with_capacity(query.len());
-        let mut rest = query;
-        loop {
-            let end = rest.find(['&', ';']).unwrap_or(rest.len());
-            let pair = &rest[..end];
-            match pair.split_once('=') {
+        // Copied only from the first sensitive parameter on: one pass.
+        let mut out: Option<String> = None;
+        let mut at = 0;
+        for pair in query.split_inclusive(['&', ';']) {
+            let start = at;
+            at += pair.len();
+            let body = pair.trim_end_matches(['&', ';']);
+            let sep = &pair[body.len()..];
+            match body.split_once('=') {
                 Some((k, _)) if self.sensitive(k.as_bytes()) => {
-                    out.push_str(k);
-                    out.push_str("=REDACTED");
+                    let o = out.get_or_insert_with(|| query[..start].to_string());
+                    o.push_str(k);
+                    o.push_str("=REDACTED");
+                    o.push_str(sep);
                 }
-                _ => out.push_str(pair),
+                _ => {
+                    if let Some(o) = out.as_mut() {
+                        o.push_str(pair);
+                    }
+                }
             }
-            if end == rest.len() {
-                break;
-            }
-            out.push_str(&rest[end..end + 1]);
-            rest = &rest[end + 1..];
         }
-        Cow::Owned(out)
+        match out {
+            Some(o) => Cow::Owned(o),
+            None => Cow::Borrowed(query),
+        }
     }
 
     /// HTTP/1 text in `payload` with the values of sensitive header lines

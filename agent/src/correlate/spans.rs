@@ -179,7 +179,7 @@ pub struct SpanBuilder {
     orphans: HashMap<MirrorKey, VecDeque<u64>>,
     orphan_order: VecDeque<(u64, MirrorKey, u64)>,
     /// CLIENT requests linked by their thread and not finished, per thread.
-    calls: HashMap<(u32, u32), Vec<u64>>,
+    calls: HashMap<(u32, u32), VecDeque<u64>>,
     /// SERVER requests by (pid, tid) that received them.
     threads: HashMap<(u32, u32), Slot>,
     /// SERVER requests by (pid, trace id received or given).
@@ -211,6 +211,37 @@ fn index<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
         v.crowded = true;
     }
     v.ids.push(id);
+}
+
+/// Removes `id` from the queue of `k`, and the queue when it empties. Ids
+/// go in arrival order and mostly leave in it: the front first.
+fn forget<K: std::hash::Hash + Eq>(map: &mut HashMap<K, VecDeque<u64>>, k: K, id: u64) {
+    if let Some(q) = map.get_mut(&k) {
+        if q.front() == Some(&id) {
+            q.pop_front();
+        } else {
+            q.retain(|i| *i != id);
+        }
+        if q.is_empty() {
+            map.remove(&k);
+        }
+    }
+}
+
+/// Takes the first id of the queue of `k` that `fit` accepts, and drops the
+/// queue when it empties.
+fn take_first<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, VecDeque<u64>>,
+    k: K,
+    fit: impl Fn(u64) -> bool,
+) -> Option<u64> {
+    let q = map.get_mut(&k)?;
+    let i = q.iter().position(|id| fit(*id))?;
+    let id = q.remove(i);
+    if q.is_empty() {
+        map.remove(&k);
+    }
+    id
 }
 
 /// Removes `id` from an index slot, and the slot when it empties.
@@ -362,7 +393,7 @@ impl SpanBuilder {
                     self.mirror.entry(mirror).or_default().push_back(id);
                 }
                 if via_thread {
-                    self.calls.entry((s.pid, s.tid)).or_default().push(id);
+                    self.calls.entry((s.pid, s.tid)).or_default().push_back(id);
                 }
             }
             SpanKind::Server => {
@@ -455,28 +486,7 @@ impl SpanBuilder {
     fn unless_overlapping(&mut self, s: &RequestStart, p: u64) -> Option<u64> {
         let parent = self.opens.get(&p)?;
         let parent_span = parent.span_id;
-        let mut clash = parent.multiplexed;
-        if let Some(v) = self.calls.get_mut(&(s.pid, s.tid)) {
-            let opens = &self.opens;
-            v.retain(|c| opens.get(c).is_some_and(|o| o.moments.is_none()));
-            for c in v.iter() {
-                let Some(o) = opens.get(c) else { continue };
-                if o.via_thread
-                    && o.parent == Some(parent_span)
-                    && (o.mirror.0, o.mirror.1) == (s.local, s.remote)
-                    && o.start_ns <= s.request_first_ns
-                {
-                    clash = true;
-                }
-            }
-        }
-        if !clash {
-            return Some(p);
-        }
-        self.counters.overlapping_calls += 1;
-        if let Some(o) = self.opens.get_mut(&p) {
-            o.multiplexed = true;
-        }
+        // The thread's unfinished calls still linked to `p` by the thread.
         let earlier: Vec<u64> = self
             .calls
             .get(&(s.pid, s.tid))
@@ -491,6 +501,20 @@ impl SpanBuilder {
                     .collect()
             })
             .unwrap_or_default();
+        let clash = parent.multiplexed
+            || earlier.iter().any(|c| {
+                self.opens.get(c).is_some_and(|o| {
+                    (o.mirror.0, o.mirror.1) == (s.local, s.remote)
+                        && o.start_ns <= s.request_first_ns
+                })
+            });
+        if !clash {
+            return Some(p);
+        }
+        self.counters.overlapping_calls += 1;
+        if let Some(o) = self.opens.get_mut(&p) {
+            o.multiplexed = true;
+        }
         for c in earlier {
             self.unlink_call(c, p);
         }
@@ -549,18 +573,12 @@ impl SpanBuilder {
     /// `t`, that found no CLIENT when it started and can still take one as
     /// its parent (nothing exported, no children yet).
     fn take_orphan(&mut self, key: MirrorKey, t: u64) -> Option<u64> {
-        let q = self.orphans.get_mut(&key)?;
         let opens = &self.opens;
-        let i = q.iter().position(|id| {
-            opens.get(id).is_some_and(|o| {
+        take_first(&mut self.orphans, key, |id| {
+            opens.get(&id).is_some_and(|o| {
                 o.start_ns >= t && !o.emitted && o.children == 0 && o.peer.is_none()
             })
-        })?;
-        let id = q.remove(i);
-        if q.is_empty() {
-            self.orphans.remove(&key);
-        }
-        id
+        })
     }
 
     /// Forgets orphans older than a linger (a CLIENT start comes a drain pass
@@ -572,33 +590,17 @@ impl SpanBuilder {
                 break;
             }
             self.orphan_order.pop_front();
-            if let Some(q) = self.orphans.get_mut(&key) {
-                // Per key the queue is in arrival order: the front, usually.
-                if q.front() == Some(&id) {
-                    q.pop_front();
-                } else {
-                    q.retain(|i| *i != id);
-                }
-                if q.is_empty() {
-                    self.orphans.remove(&key);
-                }
-            }
+            forget(&mut self.orphans, key, id);
         }
     }
 
     /// The oldest unmatched CLIENT request of the mirrored connection that
     /// began before `t` (a server never reads a request before it is sent).
     fn take_mirror(&mut self, key: MirrorKey, t: u64) -> Option<u64> {
-        let q = self.mirror.get_mut(&key)?;
         let opens = &self.opens;
-        let i = q
-            .iter()
-            .position(|id| opens.get(id).is_some_and(|o| o.start_ns <= t))?;
-        let id = q.remove(i);
-        if q.is_empty() {
-            self.mirror.remove(&key);
-        }
-        id
+        take_first(&mut self.mirror, key, |id| {
+            opens.get(&id).is_some_and(|o| o.start_ns <= t)
+        })
     }
 
     /// Whether SERVER request `id` was received and not yet answered at `t`.
@@ -718,27 +720,14 @@ impl SpanBuilder {
                 unindex(&mut self.traces, (pid, t), id);
             }
         }
-        if o.kind == SpanKind::Client && o.via_thread {
-            let k = (o.pid, o.tid);
-            if let Some(v) = self.calls.get_mut(&k) {
-                v.retain(|i| *i != id);
-                if v.is_empty() {
-                    self.calls.remove(&k);
-                }
-            }
-        }
-        let Some(o) = self.opens.get_mut(&id) else {
-            return;
-        };
-        // A CLIENT is matched or not by now: a server reads a request before
-        // the client can have its response.
-        if o.kind == SpanKind::Client && o.peer.is_none() {
-            let (m, id) = (o.mirror, id);
-            if let Some(q) = self.mirror.get_mut(&m) {
-                q.retain(|i| *i != id);
-                if q.is_empty() {
-                    self.mirror.remove(&m);
-                }
+        if o.kind == SpanKind::Client {
+            // Finished: no longer a call in flight of its thread. A CLIENT is
+            // matched or not by now: a server reads a request before the
+            // client can have its response.
+            let (thread, m, unmatched) = ((o.pid, o.tid), o.mirror, o.peer.is_none());
+            forget(&mut self.calls, thread, id);
+            if unmatched {
+                forget(&mut self.mirror, m, id);
             }
         }
         let peer = self.opens.get(&id).and_then(|o| o.peer);
@@ -850,18 +839,8 @@ impl SpanBuilder {
         self.spans.remove(&(o.pid, o.span_id));
         match o.kind {
             SpanKind::Client => {
-                if let Some(v) = self.calls.get_mut(&(o.pid, o.tid)) {
-                    v.retain(|i| *i != id);
-                    if v.is_empty() {
-                        self.calls.remove(&(o.pid, o.tid));
-                    }
-                }
-                if let Some(q) = self.mirror.get_mut(&o.mirror) {
-                    q.retain(|i| *i != id);
-                    if q.is_empty() {
-                        self.mirror.remove(&o.mirror);
-                    }
-                }
+                forget(&mut self.calls, (o.pid, o.tid), id);
+                forget(&mut self.mirror, o.mirror, id);
             }
             SpanKind::Server => {
                 unindex(&mut self.threads, (o.pid, o.tid), id);
