@@ -30,23 +30,35 @@ fn topology(forward: bool) {
     let receiver = Receiver::start();
     let topo = Topology::start(forward);
     let agent = trace_agent(&topo.services, &receiver);
+    // A fresh grpcio channel writes its first calls from its own thread, not
+    // the one that made them (those calls come out unlinked, never wrong):
+    // a few calls first, outside the scored requests, as a service that has
+    // been up a while would have made.
+    let warm = 4;
+    assert_eq!(drive(topo.gateway, warm, 1, "/warmup/"), warm, "warm-up");
     let n = 40;
     assert_eq!(topo.drive(n, 4), n, "every request answered");
     thread::sleep(Duration::from_millis(300));
     let (_, log) = agent.stop_raw();
-    let spans = receiver.spans_until(Duration::from_secs(30), |s| s.len() >= n * 6);
+    let spans = receiver.spans_until(Duration::from_secs(30), |s| {
+        s.iter().filter(|s| !s.name.contains("/warmup/")).count() >= n * 6
+    });
     let sc = score(&spans, n);
     let by_trace = counter_in(&log, "agent stopped", "linked_by_trace");
     let by_thread = counter_in(&log, "agent stopped", "linked_by_thread");
     let paired = counter_in(&log, "agent stopped", "paired");
     assert_eq!(
         paired,
-        3 * n as u64,
+        3 * (n + warm) as u64,
         "every SERVER span under its CLIENT span:\n{log}"
     );
     if forward {
         assert_eq!(sc.exact, n, "{sc:#?}");
-        assert_eq!(by_trace, 2 * n as u64, "A's calls linked by trace id");
+        assert_eq!(
+            by_trace,
+            2 * (n + warm) as u64,
+            "A's calls linked by trace id"
+        );
     } else {
         // grpcio sometimes writes a call from one of its own threads, not
         // the one that made it: that call gets no parent (a split trace),
