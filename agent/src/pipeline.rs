@@ -24,7 +24,7 @@ use crate::{
     decode::Decoder,
     export::{
         convert, json,
-        otlp::{ExportCounters, OtlpConfig, OtlpExporter},
+        otlp::{ExportCounters, OtlpConfig, OtlpExporter, OtlpResource},
         proto::opentelemetry::proto::resource::v1::Resource,
     },
 };
@@ -75,40 +75,70 @@ enum Sink {
     Json,
 }
 
-/// OTLP resources, made once per process resource (the exporter groups
-/// spans by the resource's `Arc` identity).
+/// A process resource and its OTLP forms: the message (JSON output) and its encoding.
+type ProtoEntry = (Arc<ProcessResource>, Arc<Resource>, Arc<OtlpResource>);
+
+/// OTLP resources, made and encoded once per process resource (the
+/// exporter groups spans by the resource's `Arc` identity).
 #[derive(Default)]
-struct ProtoResources(HashMap<u32, (Arc<ProcessResource>, Arc<Resource>)>);
+pub struct ProtoResources(HashMap<u32, ProtoEntry, foldhash::fast::RandomState>);
 
 impl ProtoResources {
-    fn get(&mut self, res: &Arc<ProcessResource>) -> Arc<Resource> {
-        match self.0.get(&res.pid) {
-            Some((r, p)) if Arc::ptr_eq(r, res) => p.clone(),
-            _ => {
-                let p = Arc::new(convert::resource(res));
-                self.0.insert(res.pid, (res.clone(), p.clone()));
-                p
-            }
+    fn entry(&mut self, res: &Arc<ProcessResource>) -> &ProtoEntry {
+        let fresh = !self
+            .0
+            .get(&res.pid)
+            .is_some_and(|(r, _, _)| Arc::ptr_eq(r, res));
+        if fresh {
+            let p = convert::resource(res);
+            let e = Arc::new(OtlpResource::new(&p));
+            self.0.insert(res.pid, (res.clone(), Arc::new(p), e));
         }
+        &self.0[&res.pid]
+    }
+
+    /// The resource's OTLP message (for JSON output).
+    pub fn get(&mut self, res: &Arc<ProcessResource>) -> Arc<Resource> {
+        self.entry(res).1.clone()
+    }
+
+    /// The resource as the exporter sends it.
+    pub fn encoded(&mut self, res: &Arc<ProcessResource>) -> Arc<OtlpResource> {
+        self.entry(res).2.clone()
     }
 }
 
 impl Sink {
-    fn span(
+    /// Hands `spans` (emptied), each with its process's resource, to the sink.
+    fn spans(
         &mut self,
-        span: SpanRecord,
-        res: Arc<ProcessResource>,
+        spans: &mut Vec<SpanRecord>,
+        resources: &mut Resources,
         protos: &mut ProtoResources,
         out: &mut impl Write,
     ) {
         match self {
-            Self::Otlp(exporter) => exporter.send(protos.get(&res), convert::span(&span)),
+            Self::Otlp(exporter) => {
+                // One hand-over per batch: the exporter's worker wakes once.
+                let mut items = Vec::with_capacity(spans.len());
+                for s in spans.drain(..) {
+                    let res = resources.get(s.pid, &s.comm);
+                    items.push((protos.encoded(&res), s));
+                }
+                exporter.send_all(&mut items);
+            }
             Self::Tree(t) => {
-                let _ = t.push(span, res, out);
+                for s in spans.drain(..) {
+                    let res = resources.get(s.pid, &s.comm);
+                    let _ = t.push(s, res, out);
+                }
             }
             Self::Json => {
-                let line = json::span_to_otlp_json(&protos.get(&res), &convert::span(&span));
-                let _ = writeln!(out, "{line}");
+                for s in spans.drain(..) {
+                    let res = resources.get(s.pid, &s.comm);
+                    let line = json::span_to_otlp_json(&protos.get(&res), &convert::span(&s));
+                    let _ = writeln!(out, "{line}");
+                }
             }
         }
     }
@@ -235,9 +265,8 @@ fn deliver(
     protos: &mut ProtoResources,
     out: &mut impl Write,
 ) {
-    for s in spans.drain(..) {
-        let res = resources.get(s.pid, &s.comm);
-        sink.span(s, res, protos, out);
+    if !spans.is_empty() {
+        sink.spans(spans, resources, protos, out);
     }
 }
 

@@ -10,6 +10,9 @@
 //! requests/s, ratios, the agent's CPU seconds per 100,000 requests, spans
 //! made and exported, and every drop counter.
 //!
+//! `cargo xtask bench pipeline`: the userspace pipeline alone, on replayed
+//! capture records (see `agent/benches/pipeline.rs`).
+//!
 //! `cargo xtask bench h2`: the same for HTTP/2: nginx with h2c (one worker)
 //! and h2load (`-c` connections x `-m` concurrent streams), without the agent
 //! and with it (capture alone; trace with OTLP to the discarding sink).
@@ -48,6 +51,16 @@ pub enum Which {
         /// h2load concurrent streams per connection.
         #[arg(long, default_value_t = 10)]
         streams: u32,
+    },
+    /// The userspace pipeline on replayed capture records (no kernel, no
+    /// network): ns, heap allocations and bytes per span, per stage.
+    Pipeline {
+        /// Requests per variant.
+        #[arg(long, default_value_t = 200_000)]
+        requests: usize,
+        /// Compress export requests (the exporter's `gzip` setting).
+        #[arg(long)]
+        gzip: bool,
     },
     /// Whole-trace accuracy on the reference topology (gateway -> A -> B, C).
     Accuracy {
@@ -207,7 +220,25 @@ pub fn run(which: Which, agent: &Path) -> Result<()> {
             requests,
             concurrency,
         } => accuracy(requests, concurrency),
+        Which::Pipeline { requests, gzip } => pipeline(requests, gzip),
     }
+}
+
+/// `cargo xtask bench pipeline`: `agent/benches/pipeline.rs`, which prints
+/// its own table and fails when the replayed traffic does not make the spans
+/// and pairs it implies.
+fn pipeline(requests: usize, gzip: bool) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["bench", "-p", "agent", "--bench", "pipeline", "--"])
+        .args(["--requests", &requests.to_string()]);
+    if gzip {
+        cmd.arg("--gzip");
+    }
+    let status = cmd.status().context("running cargo bench")?;
+    if !status.success() {
+        bail!("the pipeline benchmark failed ({status})");
+    }
+    Ok(())
 }
 
 /// `cargo xtask bench accuracy`: the reference topology of

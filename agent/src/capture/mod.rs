@@ -192,6 +192,17 @@ pub struct Capture {
     _ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    pub records: Records,
+}
+
+/// Size of each payload buffer chunks share.
+const ARENA_BYTES: usize = 1 << 20;
+
+/// Userspace half of the capture stage, apart from the ring buffer: kernel
+/// records in, ordered chunks with their roles out. Also fed by the replay
+/// benchmark, so it measures the code the agent runs.
+#[derive(Default)]
+pub struct Records {
     roles: roles::RoleResolver,
     reorder: reorder::Reorder,
     /// Payload bytes of chunks, copied out of the ring buffer.
@@ -199,8 +210,44 @@ pub struct Capture {
     pub user: UserCounters,
 }
 
-/// Size of each payload buffer chunks share.
-const ARENA_BYTES: usize = 1 << 20;
+impl Records {
+    /// Starts a drain pass at `now`.
+    pub fn begin_pass(&mut self, now: Instant) {
+        self.roles.sweep(now);
+    }
+
+    /// Decodes one kernel record; appends the chunks it releases to `out`.
+    pub fn record(&mut self, item: &[u8], now: Instant, out: &mut Vec<Chunk>) {
+        self.user.records += 1;
+        // Room for one more record without reallocating per record: the
+        // buffer is shared by chunks and freed with the last of them. Once
+        // they are all gone it is taken back as it is: a fresh 1 MiB buffer
+        // per pass cost page faults and page clearing (an eighth of the
+        // agent's CPU under load).
+        if self.arena.capacity() < MAX_CAPTURE && !self.arena.try_reclaim(ARENA_BYTES) {
+            self.arena = bytes::BytesMut::with_capacity(ARENA_BYTES);
+        }
+        match event::decode(item, &mut self.arena) {
+            Ok(mut c) => {
+                self.user.bytes += c.payload.len() as u64;
+                self.roles.resolve(&mut c, now);
+                self.reorder.push(c, out);
+            }
+            Err(e) => {
+                self.user.decode_errors += 1;
+                tracing::trace!(error = %e, "undecodable record");
+            }
+        }
+    }
+
+    /// Ends a drain pass: releases what waited for this pass's records.
+    pub fn end_pass(&mut self, out: &mut Vec<Chunk>) {
+        self.reorder.end_pass(out);
+        let s = self.reorder.stats;
+        (self.user.seq_gaps, self.user.late, self.user.reordered) = (s.gaps, s.late, s.reordered);
+        (self.user.stream_gaps, self.user.stream_gap_bytes) = (s.stream_gaps, s.stream_gap_bytes);
+    }
+}
 
 impl Capture {
     /// Loads, configures and attaches the programs.
@@ -279,40 +326,18 @@ impl Capture {
             _ebpf: ebpf,
             ring,
             counters,
-            roles: roles::RoleResolver::default(),
-            reorder: reorder::Reorder::default(),
-            arena: bytes::BytesMut::new(),
-            user: UserCounters::default(),
+            records: Records::default(),
         })
     }
 
     /// Reads everything in the ring buffer now; appends ordered chunks to `out`.
     pub fn drain(&mut self, out: &mut Vec<Chunk>) {
         let now = Instant::now();
-        self.roles.sweep(now);
+        self.records.begin_pass(now);
         while let Some(item) = self.ring.next() {
-            self.user.records += 1;
-            // Room for one more record without reallocating per record: the
-            // buffer is shared by this pass's chunks and freed with the last.
-            if self.arena.capacity() < MAX_CAPTURE {
-                self.arena = bytes::BytesMut::with_capacity(ARENA_BYTES);
-            }
-            match event::decode(&item, &mut self.arena) {
-                Ok(mut c) => {
-                    self.user.bytes += c.payload.len() as u64;
-                    self.roles.resolve(&mut c, now);
-                    self.reorder.push(c, out);
-                }
-                Err(e) => {
-                    self.user.decode_errors += 1;
-                    tracing::trace!(error = %e, "undecodable record");
-                }
-            }
+            self.records.record(&item, now, out);
         }
-        self.reorder.end_pass(out);
-        let s = self.reorder.stats;
-        (self.user.seq_gaps, self.user.late, self.user.reordered) = (s.gaps, s.late, s.reordered);
-        (self.user.stream_gaps, self.user.stream_gap_bytes) = (s.stream_gaps, s.stream_gap_bytes);
+        self.records.end_pass(out);
     }
 
     /// Kernel counters summed over CPUs.
@@ -346,13 +371,13 @@ fn run_drain_loop(
             let n = batch.len() as u64;
             match tx.try_send(batch) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => cap.user.queue_full_chunks += n,
+                Err(TrySendError::Full(_)) => cap.records.user.queue_full_chunks += n,
                 Err(TrySendError::Disconnected(_)) => break,
             }
         }
         if let Some(every) = stats_every {
             if last_stats.elapsed() >= every {
-                tracing::info!(kernel = %cap.kernel_counters(), user = %cap.user, "capture counters");
+                tracing::info!(kernel = %cap.kernel_counters(), user = %cap.records.user, "capture counters");
                 last_stats = Instant::now();
             }
         }
@@ -361,7 +386,7 @@ fn run_drain_loop(
         }
         thread::sleep(interval);
     }
-    (cap.kernel_counters(), cap.user)
+    (cap.kernel_counters(), cap.records.user)
 }
 
 /// The drain thread: its chunk queue, and its final counters when joined.

@@ -19,7 +19,8 @@ pub enum SpanKind {
 /// An attribute value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttrValue {
-    Str(String),
+    /// Mostly constants and names known at build time: borrowed, not copied.
+    Str(std::borrow::Cow<'static, str>),
     Int(i64),
     Bool(bool),
 }

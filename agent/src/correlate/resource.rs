@@ -63,7 +63,8 @@ fn percent_decode(s: &str) -> String {
 pub struct Resources {
     mappings: HashMap<String, String>,
     host_name: String,
-    cache: HashMap<u32, Arc<ProcessResource>>,
+    /// By pid: kernel-chosen keys, looked up per span, so a fast hash.
+    cache: HashMap<u32, Arc<ProcessResource>, foldhash::fast::RandomState>,
     order: std::collections::VecDeque<u32>,
 }
 
@@ -72,7 +73,7 @@ impl Resources {
         Self {
             mappings,
             host_name: host_name(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             order: Default::default(),
         }
     }
@@ -110,7 +111,7 @@ impl Resources {
                     .and_then(|v| service_from_resource_attributes(&v))
             })
             .unwrap_or_else(|| exe.to_string());
-        let s = |v: &str| AttrValue::Str(v.to_string());
+        let s = |v: &str| AttrValue::Str(v.to_string().into());
         let attributes = vec![
             ("service.name", s(&service_name)),
             ("process.pid", AttrValue::Int(i64::from(pid))),
@@ -160,12 +161,12 @@ mod tests {
             assert_eq!(r.service_name, want);
             assert_eq!(
                 r.attributes[0],
-                ("service.name", AttrValue::Str(want.to_string()))
+                ("service.name", AttrValue::Str(want.to_string().into()))
             );
             assert!(r.attributes.contains(&("process.pid", AttrValue::Int(7))));
             assert!(r.attributes.contains(&(
                 "process.executable.name",
-                AttrValue::Str("python3.11".to_string())
+                AttrValue::Str("python3.11".into())
             )));
         }
     }
@@ -214,6 +215,6 @@ mod tests {
         assert!(me
             .attributes
             .iter()
-            .any(|(k, v)| *k == "host.name" && *v != AttrValue::Str(String::new())));
+            .any(|(k, v)| *k == "host.name" && *v != AttrValue::Str("".into())));
     }
 }

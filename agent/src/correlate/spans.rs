@@ -36,10 +36,12 @@
 //! without starts) are started when they finish and follow the same rules.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasher, Hash},
     net::SocketAddr,
 };
+
+use smallvec::SmallVec;
 
 use super::{
     context::{self, RemoteContext, SpanId, TraceId},
@@ -168,24 +170,24 @@ pub struct SpanBuilder {
     epoch_offset_ns: i128,
     window_ns: u64,
     thread_link: ThreadLink,
-    opens: HashMap<u64, Open>,
-    /// (expiry, id); lazily cleaned: an entry whose expiry moved is skipped.
-    expiry: BinaryHeap<Reverse<(u64, u64)>>,
-    by_request: HashMap<RequestKey, u64>,
+    opens: FastMap<u64, Open>,
+    expiry: Deadlines,
+    by_request: FastMap<RequestKey, u64>,
     /// CLIENT requests not yet matched by a SERVER start, oldest first.
-    mirror: HashMap<MirrorKey, VecDeque<u64>>,
+    mirror: FastMap<MirrorKey, Ids>,
     /// SERVER requests whose start found no CLIENT to mirror, for a CLIENT
     /// start reported just after them; `orphan_order` ages them out.
-    orphans: HashMap<MirrorKey, VecDeque<u64>>,
+    orphans: FastMap<MirrorKey, Ids>,
     orphan_order: VecDeque<(u64, MirrorKey, u64)>,
     /// CLIENT requests linked by their thread and not finished, per thread.
-    calls: HashMap<(u32, u32), VecDeque<u64>>,
+    calls: FastMap<(u32, u32), Ids>,
     /// SERVER requests by (pid, tid) that received them.
-    threads: HashMap<(u32, u32), Slot>,
-    /// SERVER requests by (pid, trace id received or given).
+    threads: FastMap<(u32, u32), Slot>,
+    /// SERVER requests by (pid, trace id received or given). SipHash: the
+    /// ids of received context are chosen by whoever sends the request.
     traces: HashMap<(u32, TraceId), Slot>,
-    /// Every tracked span by (pid, span id).
-    spans: HashMap<(u32, SpanId), u64>,
+    /// Every tracked span by (pid, span id): ids the agent drew.
+    spans: FastMap<(u32, SpanId), u64>,
     next_id: u64,
     /// Also set the pre-2026 gRPC attributes (`rpc.system`, `rpc.service`,
     /// `rpc.grpc.status_code`) that many dashboards still query.
@@ -198,13 +200,82 @@ pub struct SpanBuilder {
 /// crowded (an event loop): never guessed at again, whatever it empties to.
 const MAX_PER_INDEX: usize = 64;
 
+/// Maps keyed by what the kernel or the agent chose (connections, threads,
+/// the agent's own ids), never by bytes a peer sent: a fast hash suffices.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Ids per key: almost always one or two, so they live inline (a heap
+/// allocation per request per index was a fifth of the correlator's cost).
+type Ids = SmallVec<[u64; 4]>;
+
 #[derive(Default)]
 struct Slot {
-    ids: Vec<u64>,
+    ids: Ids,
     crowded: bool,
 }
 
-fn index<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
+/// Kinds of deadline, one queue each.
+const DL_OPEN: usize = 0;
+const DL_HELD: usize = 1;
+const DL_LINGER: usize = 2;
+
+/// Deadlines of tracked requests, a FIFO per kind: each kind is `now` (or
+/// the exchange's end) plus a constant, so entries arrive in deadline order,
+/// or nearly (an entry may leave a few milliseconds late), and a queue does
+/// what a heap did at O(1). Entries are lazy: one whose request's
+/// `expires_ns` has moved is stale and skipped. A heap kept the stale
+/// 300 s open-age entry of every request ever made (millions under load);
+/// here stale fronts go at every look, and the queues are compacted when
+/// they hold far more entries than there are live requests.
+#[derive(Default)]
+struct Deadlines {
+    queues: [VecDeque<(u64, u64)>; 3],
+    len: usize,
+}
+
+impl Deadlines {
+    fn push(&mut self, kind: usize, at: u64, id: u64) {
+        self.queues[kind].push_back((at, id));
+        self.len += 1;
+    }
+
+    /// The earliest live entry, (kind, deadline, id), after dropping stale fronts.
+    fn first(&mut self, live: impl Fn(u64, u64) -> bool) -> Option<(usize, u64, u64)> {
+        let mut best: Option<(usize, u64, u64)> = None;
+        for (k, q) in self.queues.iter_mut().enumerate() {
+            while let Some(&(at, id)) = q.front() {
+                if live(at, id) {
+                    if best.is_none_or(|(_, b, _)| at < b) {
+                        best = Some((k, at, id));
+                    }
+                    break;
+                }
+                q.pop_front();
+                self.len -= 1;
+            }
+        }
+        best
+    }
+
+    fn pop(&mut self, kind: usize) {
+        if self.queues[kind].pop_front().is_some() {
+            self.len -= 1;
+        }
+    }
+
+    /// Drops stale entries once they outnumber the live requests.
+    fn compact(&mut self, tracked: usize, live: impl Fn(u64, u64) -> bool) {
+        if self.len <= 2 * tracked + 1024 {
+            return;
+        }
+        for q in &mut self.queues {
+            q.retain(|&(at, id)| live(at, id));
+        }
+        self.len = self.queues.iter().map(VecDeque::len).sum();
+    }
+}
+
+fn index<K: Hash + Eq, S: BuildHasher>(map: &mut HashMap<K, Slot, S>, k: K, id: u64) {
     let v = map.entry(k).or_default();
     if v.ids.len() >= MAX_PER_INDEX {
         v.ids.remove(0);
@@ -215,12 +286,10 @@ fn index<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
 
 /// Removes `id` from the queue of `k`, and the queue when it empties. Ids
 /// go in arrival order and mostly leave in it: the front first.
-fn forget<K: std::hash::Hash + Eq>(map: &mut HashMap<K, VecDeque<u64>>, k: K, id: u64) {
+fn forget<K: Hash + Eq, S: BuildHasher>(map: &mut HashMap<K, Ids, S>, k: K, id: u64) {
     if let Some(q) = map.get_mut(&k) {
-        if q.front() == Some(&id) {
-            q.pop_front();
-        } else {
-            q.retain(|i| *i != id);
+        if let Some(i) = q.iter().position(|i| *i == id) {
+            q.remove(i);
         }
         if q.is_empty() {
             map.remove(&k);
@@ -230,8 +299,8 @@ fn forget<K: std::hash::Hash + Eq>(map: &mut HashMap<K, VecDeque<u64>>, k: K, id
 
 /// Takes the first id of the queue of `k` that `fit` accepts, and drops the
 /// queue when it empties.
-fn take_first<K: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, VecDeque<u64>>,
+fn take_first<K: Hash + Eq, S: BuildHasher>(
+    map: &mut HashMap<K, Ids, S>,
     k: K,
     fit: impl Fn(u64) -> bool,
 ) -> Option<u64> {
@@ -241,11 +310,11 @@ fn take_first<K: std::hash::Hash + Eq>(
     if q.is_empty() {
         map.remove(&k);
     }
-    id
+    Some(id)
 }
 
 /// Removes `id` from an index slot, and the slot when it empties.
-fn unindex<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Slot>, k: K, id: u64) {
+fn unindex<K: Hash + Eq, S: BuildHasher>(map: &mut HashMap<K, Slot, S>, k: K, id: u64) {
     if let Some(v) = map.get_mut(&k) {
         v.ids.retain(|i| *i != id);
         if v.ids.is_empty() && !v.crowded {
@@ -262,16 +331,16 @@ impl SpanBuilder {
             epoch_offset_ns,
             window_ns,
             thread_link: ThreadLink::None,
-            opens: HashMap::new(),
-            expiry: BinaryHeap::new(),
-            by_request: HashMap::new(),
-            mirror: HashMap::new(),
-            orphans: HashMap::new(),
+            opens: FastMap::default(),
+            expiry: Deadlines::default(),
+            by_request: FastMap::default(),
+            mirror: FastMap::default(),
+            orphans: FastMap::default(),
             orphan_order: VecDeque::new(),
-            calls: HashMap::new(),
-            threads: HashMap::new(),
+            calls: FastMap::default(),
+            threads: FastMap::default(),
             traces: HashMap::new(),
-            spans: HashMap::new(),
+            spans: FastMap::default(),
             next_id: 0,
             legacy_rpc: true,
             counters: SpanCounters::default(),
@@ -390,15 +459,15 @@ impl SpanBuilder {
             SpanKind::Client => {
                 adopted = self.take_orphan(mirror, t);
                 if adopted.is_none() {
-                    self.mirror.entry(mirror).or_default().push_back(id);
+                    self.mirror.entry(mirror).or_default().push(id);
                 }
                 if via_thread {
-                    self.calls.entry((s.pid, s.tid)).or_default().push_back(id);
+                    self.calls.entry((s.pid, s.tid)).or_default().push(id);
                 }
             }
             SpanKind::Server => {
                 if peer.is_none() {
-                    self.orphans.entry(mirror).or_default().push_back(id);
+                    self.orphans.entry(mirror).or_default().push(id);
                     self.orphan_order.push_back((now_ns, mirror, id));
                 }
                 index(&mut self.threads, (s.pid, s.tid), id);
@@ -447,14 +516,18 @@ impl SpanBuilder {
                 o.peer = Some(id);
             }
         }
-        self.expiry.push(Reverse((expires_ns, id)));
+        self.expiry.push(DL_OPEN, expires_ns, id);
+        let opens = &self.opens;
+        let live = |at: u64, id: u64| opens.get(&id).is_some_and(|o| o.expires_ns == at);
+        self.expiry.compact(opens.len(), live);
         while self.opens.len() > MAX_OPEN {
             // Entries that expire first go first: those lingering after their
             // span went out, before any still open.
+            let opens = &self.opens;
             let cut = self
                 .expiry
-                .peek()
-                .and_then(|Reverse((_, id))| self.opens.get(id))
+                .first(|at, id| opens.get(&id).is_some_and(|o| o.expires_ns == at))
+                .and_then(|(_, _, id)| opens.get(&id))
                 .is_some_and(|o| !o.emitted);
             if !self.expire_one(u64::MAX, out) {
                 break;
@@ -487,7 +560,7 @@ impl SpanBuilder {
         let parent = self.opens.get(&p)?;
         let parent_span = parent.span_id;
         // The thread's unfinished calls still linked to `p` by the thread.
-        let earlier: Vec<u64> = self
+        let earlier: Ids = self
             .calls
             .get(&(s.pid, s.tid))
             .map(|v| {
@@ -619,16 +692,16 @@ impl SpanBuilder {
         ctx: Option<&RemoteContext>,
     ) -> Option<(u64, bool)> {
         // A crowded slot stands for "many": two made-up ids that match nothing.
-        let open = |slot: Option<&Slot>| -> Vec<u64> {
+        let open = |slot: Option<&Slot>| -> Ids {
             match slot {
-                Some(v) if v.crowded => vec![u64::MAX, u64::MAX],
+                Some(v) if v.crowded => SmallVec::from_slice(&[u64::MAX, u64::MAX]),
                 Some(v) => v
                     .ids
                     .iter()
                     .copied()
                     .filter(|id| self.open_at(*id, t))
                     .collect(),
-                None => Vec::new(),
+                None => Ids::new(),
             }
         };
         let on_thread = open(self.threads.get(&(pid, tid)));
@@ -642,7 +715,7 @@ impl SpanBuilder {
                 }
                 many => {
                     // The same trace twice in one process: the thread decides.
-                    let mine: Vec<u64> = many
+                    let mine: Ids = many
                         .iter()
                         .copied()
                         .filter(|id| on_thread.contains(id))
@@ -748,7 +821,7 @@ impl SpanBuilder {
                 o.held = Some(Box::new(ex));
                 o.expires_ns = now_ns.saturating_add(window);
                 let e = o.expires_ns;
-                self.expiry.push(Reverse((e, id)));
+                self.expiry.push(DL_HELD, e, id);
             }
             _ => self.emit(id, Some(ex), out),
         }
@@ -774,8 +847,17 @@ impl SpanBuilder {
             .map_or(0, |m| m.1)
             .saturating_add(window.min(LINGER_NS));
         o.expires_ns = o.expires_ns.min(linger);
-        let e = o.expires_ns;
-        self.expiry.push(Reverse((e, id)));
+        let (e, orphan) = (
+            o.expires_ns,
+            (o.kind == SpanKind::Server && o.peer.is_none()).then_some(o.mirror),
+        );
+        self.expiry.push(DL_LINGER, e, id);
+        // Gone out: no late CLIENT can adopt it now, so it leaves its
+        // connection's orphans at once rather than after the linger (at
+        // high rates a connection had hundreds, scanned at every start).
+        if let Some(m) = orphan {
+            forget(&mut self.orphans, m, id);
+        }
         let Some(o) = self.opens.get(&id) else {
             return;
         };
@@ -813,22 +895,22 @@ impl SpanBuilder {
 
     /// Ends the entry that expires first if it expires by `now_ns`.
     fn expire_one(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) -> bool {
-        while let Some(&Reverse((at, id))) = self.expiry.peek() {
-            if at > now_ns {
-                return false;
-            }
-            self.expiry.pop();
-            match self.opens.get(&id) {
-                Some(o) if o.expires_ns == at => {}
-                _ => continue,
-            }
-            if self.opens.get(&id).is_some_and(|o| o.held.is_some()) {
-                self.emit(id, None, out);
-            }
-            self.remove(id);
-            return true;
+        let opens = &self.opens;
+        let Some((kind, at, id)) = self
+            .expiry
+            .first(|at, id| opens.get(&id).is_some_and(|o| o.expires_ns == at))
+        else {
+            return false;
+        };
+        if at > now_ns {
+            return false;
         }
-        false
+        self.expiry.pop(kind);
+        if self.opens.get(&id).is_some_and(|o| o.held.is_some()) {
+            self.emit(id, None, out);
+        }
+        self.remove(id);
+        true
     }
 
     fn remove(&mut self, id: u64) {
@@ -898,7 +980,7 @@ impl SpanBuilder {
             kind: o.kind,
             start_ns,
             end_ns: end,
-            attributes: attributes(o.kind, ex, method, &path, grpc.as_ref(), self.legacy_rpc),
+            attributes: attributes(o.kind, ex, method, path, grpc.as_ref(), self.legacy_rpc),
             events,
             status,
             pid: ex.pid,
@@ -1018,7 +1100,7 @@ impl<'a> Grpc<'a> {
     }
 }
 
-fn normalize_method(m: &str) -> &str {
+fn normalize_method(m: &str) -> &'static str {
     KNOWN_METHODS
         .iter()
         .copied()
@@ -1092,8 +1174,8 @@ fn span_status(kind: SpanKind, ex: &HttpExchange, grpc: Option<&Grpc<'_>>) -> St
 fn attributes(
     kind: SpanKind,
     ex: &HttpExchange,
-    method: &str,
-    path: &str,
+    method: &'static str,
+    path: String,
     grpc: Option<&Grpc<'_>>,
     legacy_rpc: bool,
 ) -> Vec<(&'static str, AttrValue)> {
@@ -1102,30 +1184,33 @@ fn attributes(
     match grpc {
         Some(g) => {
             a.push(("rpc.system.name", Str("grpc".into())));
-            a.push(("rpc.method", Str(g.method.to_string())));
+            a.push(("rpc.method", Str(g.method.to_string().into())));
             if let Some(name) = g.code_name() {
                 a.push(("rpc.status_code", Str(name.into())));
             }
             if legacy_rpc {
                 a.push(("rpc.system", Str("grpc".into())));
-                a.push(("rpc.service", Str(g.service.to_string())));
+                a.push(("rpc.service", Str(g.service.to_string().into())));
                 if let Some(c) = g.code {
                     a.push(("rpc.grpc.status_code", Int(i64::from(c))));
                 }
             }
         }
         None if !ex.method.is_empty() => {
-            a.push(("http.request.method", Str(method.to_string())));
+            a.push(("http.request.method", Str(method.into())));
             if method == "_OTHER" {
-                a.push(("http.request.method_original", Str(ex.method.clone())));
+                a.push((
+                    "http.request.method_original",
+                    Str(ex.method.clone().into()),
+                ));
             }
         }
         None => {}
     }
     if grpc.is_none() && !ex.target.is_empty() {
-        a.push(("url.path", Str(path.to_string())));
+        a.push(("url.path", Str(path.into())));
         if let Some(q) = redacted_query(&ex.target) {
-            a.push(("url.query", Str(q)));
+            a.push(("url.query", Str(q.into())));
         }
     }
     let h2 = matches!(ex.protocol, Protocol::Http2 { .. });
@@ -1135,7 +1220,12 @@ fn attributes(
         Some("http")
     };
     if let (None, Some(scheme)) = (grpc, scheme) {
-        a.push(("url.scheme", Str(scheme.to_string())));
+        let scheme = match scheme {
+            "http" => Str("http".into()),
+            "https" => Str("https".into()),
+            other => Str(other.to_string().into()),
+        };
+        a.push(("url.scheme", scheme));
     }
     if let Some(s) = ex.status {
         a.push(("http.response.status_code", Int(i64::from(s))));
@@ -1151,7 +1241,7 @@ fn attributes(
         Some((h, p)) => (h, p.unwrap_or(fallback.port())),
         None => (fallback.ip().to_string(), fallback.port()),
     };
-    a.push(("server.address", Str(server_address)));
+    a.push(("server.address", Str(server_address.into())));
     a.push(("server.port", Int(i64::from(server_port))));
     if kind == SpanKind::Server {
         let forwarded = header(&ex.request_headers, "x-forwarded-for")
@@ -1159,14 +1249,14 @@ fn attributes(
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty());
         match forwarded {
-            Some(f) => a.push(("client.address", Str(f))),
+            Some(f) => a.push(("client.address", Str(f.into()))),
             None => {
-                a.push(("client.address", Str(peer.ip().to_string())));
+                a.push(("client.address", Str(peer.ip().to_string().into())));
                 a.push(("client.port", Int(i64::from(peer.port()))));
             }
         }
     }
-    a.push(("network.peer.address", Str(peer.ip().to_string())));
+    a.push(("network.peer.address", Str(peer.ip().to_string().into())));
     a.push(("network.peer.port", Int(i64::from(peer.port()))));
     a.push(("network.protocol.name", Str("http".into())));
     let version = match ex.protocol {
@@ -1179,7 +1269,7 @@ fn attributes(
         a.push(("http2.stream.id", Int(i64::from(stream_id))));
     }
     if let Some(ua) = header(&ex.request_headers, "user-agent") {
-        a.push(("user_agent.original", Str(ua.to_string())));
+        a.push(("user_agent.original", Str(ua.to_string().into())));
     }
     a.push(("http.request.body.size", Int(ex.request_body_bytes as i64)));
     a.push((
@@ -1198,10 +1288,10 @@ fn attributes(
         (Outcome::Reset { .. }, _, _) => a.push(("error.type", Str("reset".into()))),
         (_, _, Some(g)) if g.code.is_some() => {}
         (_, Some(s), _) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => {
-            a.push(("error.type", Str(s.to_string())))
+            a.push(("error.type", Str(s.to_string().into())))
         }
         (Outcome::Upgraded { protocol }, _, _) => {
-            a.push(("network.protocol.upgrade", Str(protocol.clone())))
+            a.push(("network.protocol.upgrade", Str(protocol.clone().into())))
         }
         _ => {}
     }
@@ -1352,7 +1442,7 @@ mod tests {
 
     fn span<'a>(out: &'a [SpanRecord], path: &str) -> &'a SpanRecord {
         out.iter()
-            .find(|s| s.attr("url.path") == Some(&AttrValue::Str(path.into())))
+            .find(|s| s.attr("url.path") == Some(&AttrValue::Str(path.to_string().into())))
             .unwrap_or_else(|| panic!("no span {path}"))
     }
 

@@ -331,6 +331,8 @@ fn parse_head(buf: &[u8], side: Side) -> HeadParse {
             }
         }
     };
+    // Names and values are at most the head's bytes.
+    head.headers.reserve(head.len, raw.len());
     for h in raw {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {

@@ -382,6 +382,13 @@ pub struct Headers {
 }
 
 impl Headers {
+    /// Room for `fields` fields of `bytes` bytes in all, so that filling
+    /// them allocates twice rather than at every doubling.
+    pub fn reserve(&mut self, bytes: usize, fields: usize) {
+        self.buf.reserve(bytes);
+        self.fields.reserve(fields);
+    }
+
     /// Appends a field; the name is lowercased.
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
         let start = self.buf.len() as u32;
@@ -393,7 +400,12 @@ impl Headers {
             }
         }
         let mid = self.buf.len() as u32;
-        self.buf.push_str(&String::from_utf8_lossy(value));
+        // Values are nearly always ASCII: validating is cheaper than the
+        // lossy conversion's chunk walk.
+        match std::str::from_utf8(value) {
+            Ok(v) => self.buf.push_str(v),
+            Err(_) => self.buf.push_str(&String::from_utf8_lossy(value)),
+        }
         self.fields.push((start, mid, self.buf.len() as u32));
     }
 

@@ -13,9 +13,9 @@ use crate::correlate::{
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-fn kv(key: &str, v: &AttrValue) -> KeyValue {
+pub(crate) fn kv(key: &str, v: &AttrValue) -> KeyValue {
     let value = match v {
-        AttrValue::Str(s) => any_value::Value::StringValue(s.clone()),
+        AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
         AttrValue::Int(i) => any_value::Value::IntValue(*i),
         AttrValue::Bool(b) => any_value::Value::BoolValue(*b),
     };

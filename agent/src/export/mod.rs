@@ -4,6 +4,7 @@ pub mod convert;
 pub mod json;
 pub mod otlp;
 pub mod proto;
+pub mod wire;
 
 pub use json::span_to_otlp_json;
 pub use otlp::{ExportCounters, ExportError, OtlpConfig, OtlpExporter};
