@@ -275,6 +275,11 @@ impl Deadlines {
     }
 }
 
+/// Whether a deadline entry (deadline, id) is still its request's.
+fn live(opens: &FastMap<u64, Open>) -> impl Fn(u64, u64) -> bool + '_ {
+    move |at, id| opens.get(&id).is_some_and(|o| o.expires_ns == at)
+}
+
 fn index<K: Hash + Eq, S: BuildHasher>(map: &mut HashMap<K, Slot, S>, k: K, id: u64) {
     let v = map.entry(k).or_default();
     if v.ids.len() >= MAX_PER_INDEX {
@@ -517,17 +522,14 @@ impl SpanBuilder {
             }
         }
         self.expiry.push(DL_OPEN, expires_ns, id);
-        let opens = &self.opens;
-        let live = |at: u64, id: u64| opens.get(&id).is_some_and(|o| o.expires_ns == at);
-        self.expiry.compact(opens.len(), live);
+        self.expiry.compact(self.opens.len(), live(&self.opens));
         while self.opens.len() > MAX_OPEN {
             // Entries that expire first go first: those lingering after their
             // span went out, before any still open.
-            let opens = &self.opens;
             let cut = self
                 .expiry
-                .first(|at, id| opens.get(&id).is_some_and(|o| o.expires_ns == at))
-                .and_then(|(_, _, id)| opens.get(&id))
+                .first(live(&self.opens))
+                .and_then(|(_, _, id)| self.opens.get(&id))
                 .is_some_and(|o| !o.emitted);
             if !self.expire_one(u64::MAX, out) {
                 break;
@@ -895,11 +897,7 @@ impl SpanBuilder {
 
     /// Ends the entry that expires first if it expires by `now_ns`.
     fn expire_one(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) -> bool {
-        let opens = &self.opens;
-        let Some((kind, at, id)) = self
-            .expiry
-            .first(|at, id| opens.get(&id).is_some_and(|o| o.expires_ns == at))
-        else {
+        let Some((kind, at, id)) = self.expiry.first(live(&self.opens)) else {
             return false;
         };
         if at > now_ns {

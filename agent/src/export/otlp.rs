@@ -901,7 +901,7 @@ pub fn encode_batch(
     gzip: bool,
 ) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::with_capacity(items.len() * 600 + 256);
-    enc.encode(items.iter().map(|(r, s)| (r, s)), &mut raw);
+    enc.encode(items, &mut raw);
     if !gzip {
         return Ok(raw);
     }

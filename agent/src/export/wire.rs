@@ -14,6 +14,7 @@ use std::sync::Arc;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 
+use super::otlp::Item;
 use super::proto::opentelemetry::proto::resource::v1::Resource;
 use crate::correlate::{AttrValue, SpanKind, SpanRecord, Status};
 
@@ -173,7 +174,6 @@ pub struct RequestEncoder {
     scope: Vec<u8>,
     spans: Vec<u8>,
     one: Vec<u8>,
-    groups: Vec<(usize, Vec<usize>)>,
 }
 
 impl RequestEncoder {
@@ -188,32 +188,23 @@ impl RequestEncoder {
     /// Appends an `ExportTraceServiceRequest` to `out`: one `ResourceSpans`
     /// per resource (by `Arc` identity, in order of first appearance), each
     /// with one `ScopeSpans`.
-    pub fn encode<'a>(
-        &mut self,
-        items: impl Iterator<Item = (&'a Arc<OtlpResource>, &'a SpanRecord)> + Clone,
-        out: &mut Vec<u8>,
-    ) {
-        let mut groups = std::mem::take(&mut self.groups);
-        groups.clear();
-        let mut resources: Vec<&Arc<OtlpResource>> = Vec::new();
-        for (i, (r, _)) in items.clone().enumerate() {
-            match resources.iter().position(|x| Arc::ptr_eq(x, r)) {
-                Some(g) => groups[g].1.push(i),
-                None => {
-                    resources.push(r);
-                    groups.push((resources.len() - 1, vec![i]));
-                }
+    pub fn encode(&mut self, items: &[Item], out: &mut Vec<u8>) {
+        // (resource, indexes of its spans in `items`)
+        let mut groups: Vec<(&Arc<OtlpResource>, Vec<usize>)> = Vec::new();
+        for (i, (r, _)) in items.iter().enumerate() {
+            match groups.iter_mut().find(|(x, _)| Arc::ptr_eq(x, r)) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((r, vec![i])),
             }
         }
-        let spans: Vec<&SpanRecord> = items.map(|(_, s)| s).collect();
-        for (g, members) in &groups {
+        for (resource, members) in &groups {
             self.spans.clear();
             for &i in members {
                 self.one.clear();
-                span(spans[i], &mut self.one);
+                span(&items[i].1, &mut self.one);
                 bytes_field(2, &self.one, &mut self.spans);
             }
-            let resource = &resources[*g].encoded;
+            let resource = &resource.encoded;
             let scope_spans = delimited_len(1, self.scope.len()) + self.spans.len();
             let resource_spans = delimited_len(1, resource.len()) + delimited_len(2, scope_spans);
             delimited_head(1, resource_spans, out);
@@ -222,7 +213,6 @@ impl RequestEncoder {
             bytes_field(1, &self.scope, out);
             out.extend_from_slice(&self.spans);
         }
-        self.groups = groups;
     }
 }
 
@@ -341,7 +331,7 @@ mod tests {
         let mut out = Vec::new();
         for round in 0..2 {
             out.clear();
-            enc.encode(items.iter().map(|(r, s)| (r, s)), &mut out);
+            enc.encode(&items, &mut out);
             let got = ExportTraceServiceRequest::decode(&out[..]).expect("decodes");
             let group = |r: &Resource, names: &[&str]| ResourceSpans {
                 resource: Some(r.clone()),
