@@ -1,13 +1,14 @@
 use core::{ffi::c_void, ptr::addr_of};
 
 use agent_common::{
-    Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, Scratch, SyscallArgs, AF_INET,
-    AF_INET6, CNT_CONN_FULL, CNT_EVENTS, CNT_NO_ENTRY, CNT_READ_FAULT, CNT_RINGBUF_FULL,
-    CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS, EVENT_HEADER_SIZE,
-    FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS, FLAG_LATE_CONN,
-    FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS, MAX_IOVECS_LOOP,
-    NUM_COUNTERS, ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV,
-    SYS_RECVFROM, SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
+    Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, MuteKey, Scratch, SyscallArgs,
+    AF_INET, AF_INET6, CNT_CONN_FULL, CNT_EVENTS, CNT_MUTED, CNT_NO_ENTRY, CNT_READ_FAULT,
+    CNT_RINGBUF_FULL, CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS,
+    EVENT_HEADER_SIZE, FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS,
+    FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS,
+    MAX_IOVECS_LOOP, MUTE_NO, MUTE_UNCHECKED, MUTE_YES, NUM_COUNTERS, PEER_AGENTS_LEN, ROLE_CLIENT,
+    ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG,
+    SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -131,6 +132,21 @@ static FILTER_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(256
 #[map]
 static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
+/// tgids of the other agents on this host: index 0 holds how many follow.
+/// Written by this agent's loader (agents already running) and by agents
+/// that start later (through the map's id, see `capture::agents`); never
+/// evicted. An agent's own sockets are never traced by any agent.
+#[map]
+static PEER_AGENTS: Array<u32> = Array::with_max_entries(PEER_AGENTS_LEN, 0);
+
+/// key: a connection as its other end sees it; value: unused. Put here when
+/// an agent's process reads or writes a TCP socket, so that the other end (a
+/// collector on this host, say) is not traced either: without it each export
+/// request would come back as a span to export. Looked up once per traced
+/// connection, at its first record; LRU evicts.
+#[map]
+static MUTED: LruHashMap<MuteKey, u8> = LruHashMap::with_max_entries(4096, 0);
+
 // -------------------------------------------------------------- helpers ----
 
 const S_IFMT: u16 = 0o170000;
@@ -201,12 +217,71 @@ fn process_comm() -> [u8; COMM_LEN] {
         .unwrap_or([0; COMM_LEN])
 }
 
-/// Is this process traced? Cheap for the common default (no filter): one compare.
+/// Is `tgid` this agent or another one? One compare and one (inlined) array
+/// load when this agent is alone.
+#[inline(always)]
+fn is_agent(tgid: u32) -> bool {
+    if tgid == cfg!(agent_tgid) {
+        return true;
+    }
+    let n = match PEER_AGENTS.get(0) {
+        Some(n) => *n,
+        None => return false,
+    };
+    // Verifier: bounded by the map's length.
+    for i in 1..PEER_AGENTS_LEN {
+        if i > n {
+            break;
+        }
+        if PEER_AGENTS.get(i) == Some(&tgid) {
+            return true;
+        }
+    }
+    false
+}
+
+/// An agent reads or writes `fd`: when it is a TCP socket, its other end is
+/// muted. Agents make few such calls (one per export batch).
+#[inline(always)]
+fn mute_peer_of(tgid: u32, fd: i32) {
+    let Some(sk) = tcp_sock_of_fd(tgid, fd) else {
+        return;
+    };
+    let key = MuteKey::of(&tuple_of_sock(sk), true);
+    if MUTED.get_ptr(&key).is_none() {
+        let _ = MUTED.insert(&key, &1, 0);
+    }
+}
+
+/// Should `conn` be recorded? Checked against `MUTED` at its first record
+/// and remembered: an agent's first read or write on its end comes before
+/// the other end sees any byte of it.
+#[inline(always)]
+fn unmuted(conn: *mut ConnInfo) -> bool {
+    let mute = unsafe { (*conn).mute };
+    if mute != MUTE_UNCHECKED {
+        return mute == MUTE_NO;
+    }
+    let key = MuteKey::of(unsafe { &(*conn).tuple }, false);
+    let mute = if MUTED.get_ptr(&key).is_some() {
+        MUTE_YES
+    } else {
+        MUTE_NO
+    };
+    unsafe { (*conn).mute = mute };
+    mute == MUTE_NO
+}
+
+/// Is this process traced? Agents never are. Cheap for the common default
+/// (no filter): a compare and an array load.
 #[inline(always)]
 fn selected(tgid: u32) -> bool {
-    if tgid == cfg!(agent_tgid) {
-        return false;
-    }
+    !is_agent(tgid) && filter_selected(tgid)
+}
+
+/// Does the user's selection (`--pid`, `--comm`) take `tgid`?
+#[inline(always)]
+fn filter_selected(tgid: u32) -> bool {
     let filter = cfg!(filter);
     if filter & (FILTER_PID | FILTER_COMM) == 0 {
         return true;
@@ -388,7 +463,8 @@ fn conn_of(sk: u64, direction: u8, ret: u64) -> Option<*mut ConnInfo> {
         ingress_base,
         role: ROLE_UNKNOWN,
         flags,
-        _pad: [0; 6],
+        mute: MUTE_UNCHECKED,
+        _pad: [0; 5],
         comm: [0; COMM_LEN],
     };
     if CONNS.insert(&sk, &info, 0).is_err() {
@@ -412,7 +488,16 @@ fn slot(cpu: u32, direction: u8) -> Option<*mut SyscallArgs> {
 #[inline(always)]
 fn save_entry(fd: i32, buf: u64, count_arg: u64, syscall: u8, direction: u8) {
     let id = bpf_get_current_pid_tgid();
-    if fd < 0 || !selected((id >> 32) as u32) {
+    let tgid = (id >> 32) as u32;
+    if fd < 0 {
+        return;
+    }
+    if is_agent(tgid) {
+        // At entry: before the peer can see a byte of this call.
+        mute_peer_of(tgid, fd);
+        return;
+    }
+    if !filter_selected(tgid) {
         return;
     }
     let Some(s) = slot(unsafe { bpf_get_smp_processor_id() }, direction) else {
@@ -630,6 +715,10 @@ fn emit_data<const VECTORED: bool>(
     pid_tgid: u64,
 ) -> Option<()> {
     let conn = conn_of(sk, args.direction, ret)?;
+    if !unmuted(conn) {
+        count(CNT_MUTED);
+        return None;
+    }
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let mut cap = cfg!(capture_cap) as u64;
     if cap > MAX_CAPTURE as u64 {
@@ -941,13 +1030,21 @@ pub fn enter_close(ctx: TracePointContext) -> u32 {
 fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    if !selected(tgid) {
+    let fd = arg(ctx, 0) as i32;
+    let key = fd_key(tgid, fd);
+    if is_agent(tgid) {
+        // Its fds are in SOCKS too (see `mute_peer_of`). A kept entry would
+        // name the old socket when a new one gets the fd and its `struct
+        // file` the freed one's memory, and the new one's peer would not be
+        // muted.
+        let _ = SOCKS.remove(&key);
         return None;
     }
-    let fd = arg(ctx, 0) as i32;
+    if !filter_selected(tgid) {
+        return None;
+    }
     // Only fds a traced read or write met are in SOCKS: other closes (files
     // opened and closed per request) cost one lookup.
-    let key = fd_key(tgid, fd);
     let cached = unsafe { SOCKS.get(&key) }.copied()?;
     let _ = SOCKS.remove(&key);
     if cached.sock == 0 || file_of_fd(fd) != Some(cached.file) {
@@ -955,6 +1052,11 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     }
     let sk = cached.sock;
     let conn = CONNS.get_ptr_mut(&sk)?;
+    if unsafe { (*conn).mute } != MUTE_NO {
+        // Muted, or no record was ever made for it: nothing to close.
+        let _ = CONNS.remove(&sk);
+        return None;
+    }
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let now = unsafe { bpf_ktime_get_ns() };
     let header: &mut EventHeader = unsafe { &mut (*scratch).header };
@@ -1055,7 +1157,8 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         ingress_base,
         role,
         flags,
-        _pad: [0; 6],
+        mute: MUTE_UNCHECKED,
+        _pad: [0; 5],
         comm: [0; COMM_LEN],
     };
     // A new connection may reuse a freed sock's memory: overwrite.

@@ -133,6 +133,14 @@ pub struct CaptureArgs {
     /// Seconds between counter log lines (0: only at exit).
     #[arg(long, default_value_t = 10, global = true)]
     pub stats_interval_s: u64,
+    /// Start even when another agent runs on this host. Agents never trace
+    /// each other's processes or the other ends of their sockets.
+    #[arg(long, global = true)]
+    pub allow_other_agents: bool,
+    /// Directory where the agents of this host register.
+    #[arg(long, value_name = "DIR", default_value = crate::capture::agents::REGISTRY_DIR,
+          global = true)]
+    pub registry_dir: std::path::PathBuf,
 }
 
 impl CaptureArgs {
@@ -144,6 +152,8 @@ impl CaptureArgs {
             capture_bytes: self.capture_bytes,
             ringbuf_bytes: self.ringbuf_bytes,
             drain_interval: Duration::from_millis(self.drain_interval_ms),
+            allow_other_agents: self.allow_other_agents,
+            registry_dir: self.registry_dir.clone(),
         }
     }
 

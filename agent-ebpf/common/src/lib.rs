@@ -35,6 +35,10 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_FILTER_PIDS: &str = "FILTER_PIDS";
 pub const MAP_FILTER_COMMS: &str = "FILTER_COMMS";
 pub const MAP_FILTER_PORTS: &str = "FILTER_PORTS";
+pub const MAP_PEER_AGENTS: &str = "PEER_AGENTS";
+pub const MAP_MUTED: &str = "MUTED";
+/// Entries of `PEER_AGENTS`: index 0 holds how many tgids follow it.
+pub const PEER_AGENTS_LEN: u32 = 16;
 pub const GLOBAL_CONFIG: &str = "CONFIG";
 
 /// Tracepoint category and name of every program, as `(program, category,
@@ -108,6 +112,14 @@ pub const FLAG_HAS_POS: u8 = 4;
 /// `write_seq` counts the FIN's sequence number too.
 pub const FLAG_FIN_SENT: u8 = 8;
 
+// ---- `ConnInfo::mute` ----
+/// Not yet looked up in `MUTED`.
+pub const MUTE_UNCHECKED: u8 = 0;
+/// Looked up at its first record: not an agent's connection.
+pub const MUTE_NO: u8 = 1;
+/// The other end is an agent's socket: no records.
+pub const MUTE_YES: u8 = 2;
+
 // ---- address families (as in the kernel) ----
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -128,7 +140,10 @@ pub const CNT_NO_ENTRY: u32 = 3;
 pub const CNT_CONN_FULL: u32 = 4;
 /// Payload reads from user memory that failed.
 pub const CNT_READ_FAULT: u32 = 5;
-pub const NUM_COUNTERS: u32 = 6;
+/// Records not made because their connection is an agent's own (one end is
+/// a socket an agent on this host reads or writes).
+pub const CNT_MUTED: u32 = 6;
+pub const NUM_COUNTERS: u32 = 7;
 /// Names of the counters, indexed like `COUNTERS`.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "events",
@@ -137,6 +152,7 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "no_entry",
     "conn_full",
     "read_fault",
+    "muted",
 ];
 
 // ---- filter flags (bits of `Config::filter`) ----
@@ -219,6 +235,49 @@ pub struct ConnTuple {
 }
 const _: () = assert!(core::mem::size_of::<ConnTuple>() == 40);
 
+/// Key of `MUTED`: a connection as one end sees it, addresses IPv6 or
+/// IPv4-mapped (so that an IPv4 client of a dual-stack listener matches),
+/// ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MuteKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+const _: () = assert!(core::mem::size_of::<MuteKey>() == 36);
+
+impl MuteKey {
+    /// The key of `t`, or with `reverse` of its other end.
+    #[inline(always)]
+    pub fn of(t: &ConnTuple, reverse: bool) -> Self {
+        let (mut local, mut remote) = (t.local_addr, t.remote_addr);
+        if t.family == AF_INET {
+            local = v4_mapped(&t.local_addr);
+            remote = v4_mapped(&t.remote_addr);
+        }
+        let (mut lp, mut rp) = (t.local_port, t.remote_port);
+        if reverse {
+            (local, remote) = (remote, local);
+            (lp, rp) = (rp, lp);
+        }
+        Self {
+            local_addr: local,
+            remote_addr: remote,
+            local_port: lp,
+            remote_port: rp,
+        }
+    }
+}
+
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
 /// Per-socket record in `CONNS`, keyed by the kernel `struct sock` address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -238,7 +297,9 @@ pub struct ConnInfo {
     /// `FLAG_LATE_CONN` when made at first data; `FLAG_HAS_POS` when the
     /// bases were read.
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// `MUTE_*`: whether the connection was checked against `MUTED`, and found.
+    pub mute: u8,
+    pub _pad: [u8; 5],
     /// Process name, filled at the first captured syscall (the record is often
     /// made in softirq, where there is no process): saves two kernel reads per
     /// event afterwards.

@@ -1,6 +1,7 @@
 //! Capture stage: loads the kernel programs, attaches them, drains the ring
 //! buffer on a timer and turns records into ordered [`Chunk`]s.
 
+pub mod agents;
 pub mod btf;
 pub mod event;
 pub mod preflight;
@@ -19,8 +20,8 @@ use std::{
 
 use agent_common::{
     Config, COMM_LEN, COUNTER_NAMES, FILTER_COMM, FILTER_PID, FILTER_PORT, GLOBAL_CONFIG,
-    MAP_COUNTERS, MAP_EVENTS, MAP_FILTER_COMMS, MAP_FILTER_PIDS, MAP_FILTER_PORTS, MAP_SCRATCH,
-    MAP_SLOTS, MAX_CAPTURE, MAX_CPUS, NUM_COUNTERS, PROGRAMS,
+    MAP_COUNTERS, MAP_EVENTS, MAP_FILTER_COMMS, MAP_FILTER_PIDS, MAP_FILTER_PORTS, MAP_PEER_AGENTS,
+    MAP_SCRATCH, MAP_SLOTS, MAX_CAPTURE, MAX_CPUS, NUM_COUNTERS, PROGRAMS,
 };
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
@@ -57,6 +58,8 @@ pub enum CaptureError {
     MissingProgram(&'static str),
     #[error("eBPF program {0}: {1}")]
     Program(&'static str, aya::programs::ProgramError),
+    #[error(transparent)]
+    Agents(#[from] agents::AgentsError),
 }
 
 /// What to capture and how.
@@ -74,6 +77,11 @@ pub struct CaptureConfig {
     pub ringbuf_bytes: u32,
     /// Time between ring-buffer drains.
     pub drain_interval: Duration,
+    /// Start even when another agent runs on this host (neither traces the
+    /// other).
+    pub allow_other_agents: bool,
+    /// Where running agents register (`agents::REGISTRY_DIR`).
+    pub registry_dir: std::path::PathBuf,
 }
 
 impl Default for CaptureConfig {
@@ -85,6 +93,8 @@ impl Default for CaptureConfig {
             capture_bytes: agent_common::DEFAULT_CAPTURE,
             ringbuf_bytes: 16 << 20,
             drain_interval: Duration::from_millis(10),
+            allow_other_agents: false,
+            registry_dir: agents::REGISTRY_DIR.into(),
         }
     }
 }
@@ -189,6 +199,7 @@ impl std::fmt::Display for UserCounters {
 
 /// Loaded and attached programs. Dropping it detaches everything.
 pub struct Capture {
+    _registration: agents::Registration,
     _ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
@@ -259,6 +270,11 @@ impl Capture {
         let cpus = aya::util::nr_cpus().map_or(256, |n| n as u32);
         let kcfg = cfg.kernel_config(std::process::id(), cpus, offsets)?;
         let comms = cfg.comm_keys()?;
+        let registry = agents::Registry::lock(&cfg.registry_dir)?;
+        let peers = registry.peers()?;
+        if let (Some(p), false) = (peers.first(), cfg.allow_other_agents) {
+            return Err(agents::AgentsError::Running(p.tgid).into());
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_CONFIG, &kcfg, true)
             .map_max_entries(MAP_EVENTS, cfg.ringbuf_bytes.next_power_of_two().max(4096))
@@ -296,6 +312,25 @@ impl Capture {
                 .map_err(|e| CaptureError::Map(MAP_FILTER_PORTS, e))?;
         }
 
+        // Before any program is attached: no agent's socket is ever traced.
+        let peer_map = map(&mut ebpf, MAP_PEER_AGENTS)?;
+        let peer_map_id = match &*peer_map {
+            aya::maps::Map::Array(data) => data
+                .info()
+                .map_err(|e| CaptureError::Map(MAP_PEER_AGENTS, e))?
+                .id(),
+            _ => return Err(CaptureError::MissingMap(MAP_PEER_AGENTS)),
+        };
+        let mut peer_array: aya::maps::Array<_, u32> = aya::maps::Array::try_from(peer_map)
+            .map_err(|e| CaptureError::Map(MAP_PEER_AGENTS, e))?;
+        let registration = registry.register(&peers, &mut peer_array, peer_map_id)?;
+        if !peers.is_empty() {
+            tracing::info!(
+                others = peers.len(),
+                "other agents on this host; none traces another"
+            );
+        }
+
         for (name, category, tp) in PROGRAMS {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -323,6 +358,7 @@ impl Capture {
             "capture attached"
         );
         Ok(Self {
+            _registration: registration,
             _ebpf: ebpf,
             ring,
             counters,
