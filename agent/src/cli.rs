@@ -70,6 +70,11 @@ pub struct TraceArgs {
     /// `rpc.grpc.status_code`) and keep only the current conventions' ones.
     #[arg(long, global = true)]
     pub no_legacy_rpc_attributes: bool,
+    /// Longest time (ms) from SIGTERM/SIGINT to exit, whatever the collector
+    /// does; spans not exported by then are dropped and counted.
+    #[arg(long, default_value_t = 5000, global = true,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub shutdown_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

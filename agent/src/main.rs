@@ -86,6 +86,7 @@ fn run_trace(
         thread_link: targs.thread_link,
         legacy_rpc_attributes: !targs.no_legacy_rpc_attributes,
         stats_every: cargs.stats_every(),
+        shutdown_timeout: Duration::from_millis(targs.shutdown_timeout_ms),
     };
     pipeline::run_trace(opts, stop).context("tracing")?;
     Ok(())

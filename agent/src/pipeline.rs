@@ -33,8 +33,9 @@ use crate::{
 const IDLE_CONN: Duration = Duration::from_secs(300);
 /// A console trace is printed once no span joined it for this long.
 const CONSOLE_QUIET: Duration = Duration::from_secs(1);
-/// Time given to the exporter to flush at exit.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+/// Part of the shutdown timeout kept back from the exporter's flush: the
+/// exporter's own grace for a stuck worker, and the final log lines.
+const SHUTDOWN_RESERVE: Duration = Duration::from_millis(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -67,6 +68,8 @@ pub struct TraceOptions {
     /// Also set the older gRPC attribute names (see `SpanBuilder`).
     pub legacy_rpc_attributes: bool,
     pub stats_every: Option<Duration>,
+    /// Longest time from the stop signal to the end of `run_trace`.
+    pub shutdown_timeout: Duration,
 }
 
 enum Sink {
@@ -162,9 +165,9 @@ impl Sink {
         }
     }
 
-    fn finish(self, out: &mut impl Write) -> ExportCounters {
+    fn finish(self, out: &mut impl Write, deadline: Instant) -> ExportCounters {
         match self {
-            Self::Otlp(exporter) => exporter.shutdown(Instant::now() + SHUTDOWN_FLUSH),
+            Self::Otlp(exporter) => exporter.shutdown(deadline),
             Self::Tree(mut t) => {
                 let _ = t.flush(None, out);
                 ExportCounters::default()
@@ -246,11 +249,13 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             last_stats = Instant::now();
         }
     }
+    // The drain thread saw the stop flag within a drain interval.
+    let deadline = Instant::now() + opts.shutdown_timeout.saturating_sub(SHUTDOWN_RESERVE);
     // Everything finished is flushed: pending pairs go out alone.
     builder.flush(u64::MAX, &mut spans);
     deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
     let (kernel, user) = drainer.join().map_err(|_| PipelineError::DrainPanicked)?;
-    let export = sink.finish(&mut out);
+    let export = sink.finish(&mut out, deadline);
     let _ = out.flush();
     tracing::info!(%kernel, %user, "capture stopped");
     stats.log("agent stopped", &decoder, &builder, export);

@@ -1,16 +1,17 @@
 //! OTLP/HTTP protobuf span exporter (`POST {endpoint}/v1/traces`).
 //!
 //! A single worker thread owns the blocking HTTP client. [`OtlpExporter::send`] never blocks:
-//! spans go into a bounded queue and are dropped (and counted) when it is full. The worker
+//! spans go into a bounded queue; when it is full the oldest are dropped (and counted), since
+//! after an outage the newest spans are the ones worth having. The worker
 //! batches spans by size and time, groups them by resource, encodes an
 //! `ExportTraceServiceRequest`, optionally gzips it and POSTs it, retrying transient failures
 //! with exponential backoff and jitter.
 
-use std::collections::hash_map::RandomState;
+use std::collections::{hash_map::RandomState, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -340,7 +341,8 @@ pub struct ExportCounters {
     pub spans_queued: u64,
     /// Spans acknowledged by the collector (minus any it reported as rejected).
     pub spans_exported: u64,
-    /// Spans refused by `send` because the queue was full.
+    /// Queued spans dropped, oldest first, to make room for newer ones while
+    /// the queue was full (and spans offered after shutdown began).
     pub spans_dropped_queue_full: u64,
     /// Queued spans that were not exported: permanent HTTP error, retries exhausted, rejected in a
     /// partial success, or still queued at the shutdown deadline.
@@ -386,26 +388,113 @@ fn add(counter: &AtomicU64, n: usize) {
 /// State shared by the exporter handle and its worker.
 struct Shared {
     counters: AtomicCounters,
-    /// Spans sent to the worker and not yet taken by it.
-    queued: AtomicUsize,
-    /// Set once by shutdown/drop: the instant after which nothing more is sent.
-    deadline: Mutex<Option<Instant>>,
+    state: Mutex<State>,
+    /// Signalled on new spans, on close and on a new deadline.
     wake: Condvar,
 }
 
+#[derive(Default)]
+struct State {
+    /// Spans handed over and not yet taken by the worker, in the batches
+    /// they came in, oldest first.
+    queue: VecDeque<Vec<Item>>,
+    /// Spans in `queue`.
+    queued: usize,
+    /// No more spans will come (shutdown or drop).
+    closed: bool,
+    /// Set once by shutdown/drop: the instant after which nothing more is sent.
+    deadline: Option<Instant>,
+}
+
+/// What the worker gets from the queue.
+enum Pop {
+    Items(Vec<Item>),
+    Timeout,
+    Closed,
+}
+
 impl Shared {
-    fn lock_deadline(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.deadline.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn set_deadline(&self, deadline: Instant) {
-        let mut guard = self.lock_deadline();
-        *guard = Some(guard.map_or(deadline, |d| d.min(deadline)));
+        let mut guard = self.lock_state();
+        guard.deadline = Some(guard.deadline.map_or(deadline, |d| d.min(deadline)));
+        guard.closed = true;
         self.wake.notify_all();
     }
 
     fn deadline(&self) -> Option<Instant> {
-        *self.lock_deadline()
+        self.lock_state().deadline
+    }
+
+    /// Queues `items`, dropping the oldest queued spans beyond `max`; returns
+    /// how many spans were dropped, and frees them outside the lock.
+    fn push(&self, items: &mut Vec<Item>, max: usize) -> usize {
+        let mut evicted: Vec<Vec<Item>> = Vec::new();
+        let mut dropped = 0;
+        {
+            let mut st = self.lock_state();
+            if st.closed {
+                dropped = items.len();
+                items.clear();
+                return dropped;
+            }
+            if items.len() > max {
+                dropped += items.len() - max;
+                evicted.push(items.drain(..items.len() - max).collect());
+            }
+            let mut excess = (st.queued + items.len()).saturating_sub(max);
+            while excess > 0 {
+                let Some(front) = st.queue.front_mut() else {
+                    break;
+                };
+                let k = excess.min(front.len());
+                if k == front.len() {
+                    if let Some(b) = st.queue.pop_front() {
+                        evicted.push(b);
+                    }
+                } else {
+                    evicted.push(front.drain(..k).collect());
+                }
+                st.queued -= k;
+                dropped += k;
+                excess -= k;
+            }
+            st.queued += items.len();
+            st.queue.push_back(std::mem::take(items));
+            self.wake.notify_one();
+        }
+        drop(evicted);
+        dropped
+    }
+
+    /// The next batch of spans, waiting until `until` (forever with `None`).
+    fn pop(&self, until: Option<Instant>) -> Pop {
+        let mut st = self.lock_state();
+        loop {
+            if let Some(items) = st.queue.pop_front() {
+                st.queued -= items.len();
+                return Pop::Items(items);
+            }
+            if st.closed {
+                return Pop::Closed;
+            }
+            st = match until {
+                None => self.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        return Pop::Timeout;
+                    }
+                    self.wake
+                        .wait_timeout(st, t - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
     }
 
     fn deadline_passed(&self) -> bool {
@@ -415,13 +504,13 @@ impl Shared {
     /// Sleeps until `until`, waking early when the shutdown deadline comes first (also one set
     /// while sleeping). Returns false if the shutdown deadline has been reached.
     fn sleep_until(&self, until: Instant) -> bool {
-        let mut guard = self.lock_deadline();
+        let mut guard = self.lock_state();
         loop {
             let now = Instant::now();
-            if guard.is_some_and(|d| now >= d) {
+            if guard.deadline.is_some_and(|d| now >= d) {
                 return false;
             }
-            let limit = guard.map_or(until, |d| d.min(until));
+            let limit = guard.deadline.map_or(until, |d| d.min(until));
             if now >= limit {
                 return true;
             }
@@ -438,11 +527,9 @@ impl Shared {
 pub type Item = (Arc<OtlpResource>, SpanRecord);
 
 pub struct OtlpExporter {
-    /// Spans go over in the batches they were made in: one wake-up of the
-    /// worker per batch, not per span (a lock and a context switch per span
-    /// were a sixth of the agent's CPU under load). Bounded in spans by
-    /// `Shared::queued`.
-    tx: Option<Sender<Vec<Item>>>,
+    /// Spans go over in the batches they were made in (`Shared::push`): one
+    /// wake-up of the worker per batch, not per span (a lock and a context
+    /// switch per span were a sixth of the agent's CPU under load).
     max_queue_spans: usize,
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
@@ -473,12 +560,10 @@ impl OtlpExporter {
 
         let shared = Arc::new(Shared {
             counters: AtomicCounters::default(),
-            queued: AtomicUsize::new(0),
-            deadline: Mutex::new(None),
+            state: Mutex::new(State::default()),
             wake: Condvar::new(),
         });
         let max_queue_spans = cfg.max_queue_spans;
-        let (tx, rx) = mpsc::channel::<Vec<Item>>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), ExportError>>(1);
         let (done_tx, done_rx) = mpsc::sync_channel::<()>(1);
         let worker_shared = Arc::clone(&shared);
@@ -509,7 +594,6 @@ impl OtlpExporter {
                     encoder: RequestEncoder::new(agent_scope().encode_to_vec()),
                     client,
                     shared: worker_shared,
-                    rx,
                     warn: WarnLimiter::default(),
                 }
                 .run();
@@ -529,7 +613,6 @@ impl OtlpExporter {
             }
         }
         Ok(Self {
-            tx: Some(tx),
             max_queue_spans,
             shared,
             worker: Some(worker),
@@ -544,36 +627,18 @@ impl OtlpExporter {
         self.send_all(&mut vec![(resource, span)]);
     }
 
-    /// Non-blocking: queues all of `items` (emptied) that fit in the queue;
-    /// the rest are dropped and counted.
+    /// Non-blocking: queues all of `items` (emptied); when the queue is
+    /// full, the oldest queued spans are dropped and counted.
     pub fn send_all(&self, items: &mut Vec<Item>) {
         if items.is_empty() {
             return;
         }
         let c = &self.shared.counters;
-        let n = items.len();
-        let Some(tx) = &self.tx else {
-            add(&c.spans_dropped_queue_full, n);
-            items.clear();
-            return;
-        };
-        let queued = self.shared.queued.load(Ordering::Relaxed);
-        let room = self.max_queue_spans.saturating_sub(queued).min(n);
-        if room < n {
-            tracing::trace!(dropped = n - room, "OTLP export queue full, spans dropped");
-            add(&c.spans_dropped_queue_full, n - room);
-            items.truncate(room);
-        }
-        if room == 0 {
-            return;
-        }
-        self.shared.queued.fetch_add(room, Ordering::Relaxed);
-        match tx.send(std::mem::take(items)) {
-            Ok(()) => add(&c.spans_queued, room),
-            Err(mpsc::SendError(lost)) => {
-                self.shared.queued.fetch_sub(lost.len(), Ordering::Relaxed);
-                add(&c.spans_dropped_queue_full, lost.len());
-            }
+        add(&c.spans_queued, items.len());
+        let dropped = self.shared.push(items, self.max_queue_spans);
+        if dropped > 0 {
+            tracing::trace!(dropped, "OTLP export queue full, oldest spans dropped");
+            add(&c.spans_dropped_queue_full, dropped);
         }
     }
 
@@ -590,9 +655,8 @@ impl OtlpExporter {
     }
 
     fn stop(&mut self, deadline: Instant) {
-        self.shared.set_deadline(deadline);
         // Closing the queue makes the worker flush what is left and exit.
-        drop(self.tx.take());
+        self.shared.set_deadline(deadline);
         let Some(worker) = self.worker.take() else {
             return;
         };
@@ -610,6 +674,15 @@ impl OtlpExporter {
                 "OTLP export thread did not stop by the shutdown deadline; detaching it"
             );
         }
+        // Whatever the worker did not take is lost now.
+        let left = {
+            let mut st = self.shared.lock_state();
+            let n = st.queued;
+            st.queue.clear();
+            st.queued = 0;
+            n
+        };
+        add(&self.shared.counters.spans_dropped_failed, left);
     }
 }
 
@@ -622,17 +695,29 @@ impl Drop for OtlpExporter {
     }
 }
 
+/// One WARN when export starts failing and one INFO when it recovers; drops
 /// WARN at most once per [`WARN_INTERVAL`]; everything else goes to DEBUG.
 #[derive(Default)]
 struct WarnLimiter {
     last_warn: Option<Instant>,
     suppressed: u64,
-    failing: bool,
+    /// Since when requests fail, and the spans dropped meanwhile.
+    failing_since: Option<Instant>,
+    dropped_while_failing: u64,
 }
 
 impl WarnLimiter {
+    /// A request failed (it may be retried).
+    fn attempt_failed(&mut self, reason: &str) {
+        if self.failing_since.is_none() {
+            tracing::warn!("OTLP export failing, spans wait in the queue: {reason}");
+            self.failing_since = Some(Instant::now());
+        }
+    }
+
     fn failure(&mut self, msg: &str, spans: usize) {
-        self.failing = true;
+        self.attempt_failed(msg);
+        self.dropped_while_failing += spans as u64;
         let now = Instant::now();
         if self
             .last_warn
@@ -652,9 +737,13 @@ impl WarnLimiter {
     }
 
     fn success(&mut self) {
-        if self.failing {
-            tracing::info!("OTLP export recovered");
-            self.failing = false;
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                failing_for_ms = since.elapsed().as_millis() as u64,
+                spans_dropped = self.dropped_while_failing,
+                "OTLP export recovered"
+            );
+            self.dropped_while_failing = 0;
         }
     }
 }
@@ -678,7 +767,6 @@ struct Worker {
     encoder: RequestEncoder,
     client: reqwest::blocking::Client,
     shared: Arc<Shared>,
-    rx: Receiver<Vec<Item>>,
     warn: WarnLimiter,
 }
 
@@ -687,16 +775,9 @@ impl Worker {
         let mut batch: Vec<Item> = Vec::with_capacity(self.cfg.max_batch_spans.min(4096));
         let mut first_at = Instant::now();
         loop {
-            let received = if batch.is_empty() {
-                self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-            } else {
-                let wait =
-                    (first_at + self.cfg.batch_delay).saturating_duration_since(Instant::now());
-                self.rx.recv_timeout(wait)
-            };
-            match received {
-                Ok(items) => {
-                    self.shared.queued.fetch_sub(items.len(), Ordering::Relaxed);
+            let until = (!batch.is_empty()).then(|| first_at + self.cfg.batch_delay);
+            match self.shared.pop(until) {
+                Pop::Items(items) => {
                     for item in items {
                         if batch.is_empty() {
                             first_at = Instant::now();
@@ -707,8 +788,8 @@ impl Worker {
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => self.flush(&mut batch),
-                Err(RecvTimeoutError::Disconnected) => {
+                Pop::Timeout => self.flush(&mut batch),
+                Pop::Closed => {
                     self.flush(&mut batch);
                     break;
                 }
@@ -774,6 +855,7 @@ impl Worker {
                     retry_after,
                 } => {
                     add(&c.requests_failed, 1);
+                    self.warn.attempt_failed(&reason);
                     let jittered = jitter(backoff);
                     let delay = retry_after.map_or(jittered, |ra| ra.min(RETRY_AFTER_CAP));
                     backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
@@ -1668,10 +1750,9 @@ mod tests {
             "sends took {send_time:?}"
         );
         let c = exp.counters();
-        assert_eq!(c.spans_queued + c.spans_dropped_queue_full, 300);
-        // at most the queue plus the batch the worker holds can be accepted
-        assert!(c.spans_queued <= 100 + 10, "{c:?}");
-        assert!(c.spans_dropped_queue_full >= 190, "{c:?}");
+        assert_eq!(c.spans_queued, 300);
+        // at most the queue plus the batch the worker holds are kept
+        assert!(c.spans_dropped_queue_full >= 300 - 110, "{c:?}");
 
         // still bounded later on, while the worker is stuck retrying
         std::thread::sleep(Duration::from_millis(300));
@@ -1679,12 +1760,56 @@ mod tests {
             exp.send(resource("a"), span((i % 250) as u8));
         }
         let c2 = exp.counters();
-        assert_eq!(c2.spans_queued + c2.spans_dropped_queue_full, 600);
-        assert!(c2.spans_queued <= 100 + 10, "{c2:?}");
+        assert_eq!(c2.spans_queued, 600);
+        assert!(c2.spans_dropped_queue_full >= 600 - 110, "{c2:?}");
 
         let c3 = exp.shutdown(Instant::now());
-        assert_eq!(c3.spans_dropped_failed, c3.spans_queued, "{c3:?}");
+        assert_eq!(
+            c3.spans_dropped_failed + c3.spans_dropped_queue_full,
+            c3.spans_queued,
+            "{c3:?}"
+        );
         assert_eq!(c3.spans_exported, 0);
+    }
+
+    #[test]
+    fn after_an_outage_the_newest_spans_are_kept() {
+        // Down for the first attempts: the worker retries its first batch
+        // while the rest wait in the queue.
+        let server = TestServer::start(vec![reply(503), reply(503), reply(503)]);
+        let mut cfg = test_cfg(server.url());
+        cfg.max_queue_spans = 100;
+        cfg.max_batch_spans = 10;
+        let exp = OtlpExporter::start(cfg).unwrap();
+        exp.send(resource("a"), span(0));
+        assert_eq!(server.wait_requests(1, Duration::from_secs(5)).len(), 1);
+        let mut items: Vec<Item> = (1..250u8).map(|i| (resource("a"), span(i))).collect();
+        exp.send_all(&mut items);
+        let c = exp.shutdown(Instant::now() + Duration::from_secs(10));
+        let mut got: Vec<u8> = server
+            .requests()
+            .iter()
+            .filter(|r| !r.body.is_empty())
+            .flat_map(|r| {
+                r.decode()
+                    .resource_spans
+                    .into_iter()
+                    .flat_map(|rs| rs.scope_spans)
+                    .flat_map(|ss| ss.spans)
+                    .map(|s| s.span_id[0])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        got.sort_unstable();
+        got.dedup();
+        // The retried first span, then the newest 100.
+        let want: Vec<u8> = std::iter::once(0).chain(150..250).collect();
+        assert_eq!(got, want, "{c:?}");
+        assert_eq!(
+            (c.spans_queued, c.spans_exported, c.spans_dropped_queue_full),
+            (250, 101, 149),
+            "{c:?}"
+        );
     }
 
     #[test]
