@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
