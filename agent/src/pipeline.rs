@@ -298,6 +298,8 @@ impl Stats {
             resyncs = d.resyncs,
             holes_skipped = d.holes_skipped,
             lost_framing = d.lost_framing,
+            ambiguous_lengths = d.ambiguous_lengths,
+            after_ambiguous_bytes = d.after_ambiguous_bytes,
             oversized_heads = d.oversized_heads,
             dropped_connections = d.dropped_connections,
             orphan_responses = d.orphan_responses,

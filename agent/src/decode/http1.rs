@@ -72,6 +72,11 @@ pub struct DecodeCounters {
     /// Exchanges not emitted because bytes of their response were never
     /// captured (a gap in the kernel's byte positions).
     pub lost_to_gaps: u64,
+    /// Requests with both Content-Length and Transfer-Encoding: traced, and
+    /// the last ones of their connection's request stream.
+    pub ambiguous_lengths: u64,
+    /// Request bytes after such a request: no server reads them as requests.
+    pub after_ambiguous_bytes: u64,
 }
 
 /// httparse needs a fixed header slot array; more headers than this is treated
@@ -242,6 +247,15 @@ struct ParsedHead {
     transfer_encoding: bool,
     chunked: bool,
     upgrade: Option<String>,
+}
+
+impl ParsedHead {
+    /// A request framed both by Content-Length and Transfer-Encoding: servers
+    /// reject it or go by Transfer-Encoding, and close the connection after
+    /// answering either way (RFC 9112 §6.1).
+    fn ambiguous_length(&self) -> bool {
+        self.content_length.is_some() && self.transfer_encoding
+    }
 }
 
 #[derive(Debug)]
@@ -618,6 +632,11 @@ enum State {
     Body(Body),
     /// Framing lost: ignore bytes until a chunk starts with a plausible head.
     Resync,
+    /// No further message in this direction is one the peer reads: after a
+    /// request framed by both Content-Length and Transfer-Encoding, a server
+    /// must close the connection (RFC 9112 §6.1), so what follows is never
+    /// served (request smuggling).
+    Ended,
 }
 
 /// One direction of a connection.
@@ -633,6 +652,19 @@ struct Stream {
     /// Position of the buffered head's first byte in this direction, when the
     /// kernel gave positions.
     head_pos: Option<u64>,
+    /// The message being read is the last one of this direction (`Ended`).
+    last: bool,
+}
+
+impl Stream {
+    /// State after a message's body ended.
+    fn next_message(&self) -> State {
+        if self.last {
+            State::Ended
+        } else {
+            State::Head
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -868,6 +900,10 @@ impl Conn {
     ) {
         let data = &chunk.payload[..];
         let mut pos = start;
+        if matches!(st.state, State::Ended) {
+            ctx.c.after_ambiguous_bytes += chunk.len.saturating_sub(start as u64);
+            return;
+        }
         if matches!(st.state, State::Resync) {
             let p = skip_crlf(data, pos);
             if p < data.len() && plausible(&data[p..], side) != Plausible::No {
@@ -884,6 +920,10 @@ impl Conn {
             }
             match &mut st.state {
                 State::Resync => return,
+                State::Ended => {
+                    ctx.c.after_ambiguous_bytes += chunk.len.saturating_sub(pos as u64);
+                    return;
+                }
                 State::Head => pos = self.head_step(st, side, ctx, chunk, pos, out),
                 State::Body(body) => {
                     let step = body.consume(&data[pos..], ctx.limits.max_head_bytes);
@@ -892,7 +932,7 @@ impl Conn {
                     match step.status {
                         BodyStatus::More => {}
                         BodyStatus::Done => {
-                            st.state = State::Head;
+                            st.state = st.next_message();
                             self.finish(side, st.cur.take(), ctx, out);
                         }
                         BodyStatus::Bad => {
@@ -1002,6 +1042,10 @@ impl Conn {
             self.overflow(ctx);
             return;
         }
+        if head.ambiguous_length() {
+            ctx.c.ambiguous_lengths += 1;
+            st.last = true;
+        }
         let body = if head.chunked {
             Some(Body::Chunked(Chunked::size_line()))
         } else {
@@ -1042,6 +1086,8 @@ impl Conn {
         if let Some(b) = body {
             st.cur = Some(id);
             st.state = State::Body(b);
+        } else if st.last {
+            st.state = State::Ended;
         }
     }
 
@@ -1309,7 +1355,7 @@ impl Conn {
     ) {
         loop {
             match &mut st.state {
-                State::Resync => return,
+                State::Resync | State::Ended => return,
                 State::Head => {
                     ctx.c.oversized_heads += 1;
                     st.buf.clear();
@@ -1325,7 +1371,7 @@ impl Conn {
                     match status {
                         HoleStatus::Inside => return,
                         HoleStatus::Done => {
-                            st.state = State::Head;
+                            st.state = st.next_message();
                             self.finish(side, st.cur.take(), ctx, out);
                             if hole == 0 || self.mode != Mode::Http {
                                 return;
@@ -1966,6 +2012,29 @@ mod tests {
                 ],
                 want: vec![("GET", "/", Some(200), 0, 5, Aborted), ("GET", "/2", Some(200), 0, 5, Complete)],
                 counters: DecodeCounters { lost_framing: 1, resyncs: 1, ..z() },
+                tracked: 1,
+            },
+            Case {
+                name: "CL and TE together: framed by TE, and what follows is never a request",
+                role: Role::Server,
+                evs: vec![
+                    i("POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"),
+                    o("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                    i("GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"),
+                ],
+                want: vec![("POST", "/a", Some(400), 0, 0, Complete)],
+                counters: DecodeCounters { ambiguous_lengths: 1, after_ambiguous_bytes: 70, ..z() },
+                tracked: 1,
+            },
+            Case {
+                name: "TE then CL, body served by TE: the span has the TE body",
+                role: Role::Server,
+                evs: vec![
+                    i("POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+                    o("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+                ],
+                want: vec![("POST", "/b", Some(200), 3, 2, Complete)],
+                counters: DecodeCounters { ambiguous_lengths: 1, ..z() },
                 tracked: 1,
             },
             Case {
