@@ -391,3 +391,14 @@ pub fn write_line(child: &mut Child, s: &str) {
         .and_then(|()| stdin.flush())
         .expect("write child line");
 }
+
+/// `curl` GET of `path` on loopback `port`; panics unless it succeeds.
+pub fn curl_ok(port: u16, path: &str) {
+    let ok = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .status()
+        .expect("curl")
+        .success();
+    assert!(ok, "curl {path} failed");
+}

@@ -9,7 +9,7 @@ use std::{
 };
 
 use integration_tests::{
-    agent_bin, counter, free_port,
+    agent_bin, counter, curl_ok, free_port,
     otlp_receiver::{ReceivedSpan, Receiver},
     python_http_server, require_root, Agent,
 };
@@ -23,23 +23,13 @@ fn export_spans(spans: &[ReceivedSpan]) -> Vec<&ReceivedSpan> {
         .collect()
 }
 
-fn curl(port: u16, path: &str) {
-    let ok = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null"])
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .status()
-        .expect("curl")
-        .success();
-    assert!(ok, "curl {path} failed");
-}
-
 /// Requests `/r0`.. `/r{n-1}` with pauses, so that the agents export in
 /// several requests; waits until the receiver has each one's SERVER span,
 /// then a while longer for spans of those exports to come back.
 fn drive(receiver: &Receiver, port: u16, n: usize, tag: &str) -> Vec<ReceivedSpan> {
     let paths: Vec<String> = (0..n).map(|i| format!("/{tag}{i}")).collect();
     for p in &paths {
-        curl(port, p);
+        curl_ok(port, p);
         std::thread::sleep(Duration::from_millis(300));
     }
     let served = |spans: &[ReceivedSpan]| {

@@ -116,3 +116,54 @@ fn a_smuggled_request_behind_content_length_and_chunked_gives_no_span() {
         "{log}"
     );
 }
+
+#[test]
+fn heads_servers_answer_give_spans_though_not_rfc_clean() {
+    if !require_root("unclean_heads") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("www");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("a"), "hello").unwrap();
+    let port = free_port();
+    let _nginx = nginx(dir.path(), &root, port, 1);
+    let agent = Agent::start_with(
+        "trace",
+        &["--port", &port.to_string(), "--output", "json"],
+        &[],
+    );
+    // (path as the span names it, request bytes)
+    let cases = [
+        ("/a", "GET /a HTTP/1.1\\r\\nHost: x\\r\\nthis line has no colon\\r\\nConnection: close\\r\\n\\r\\n"),
+        ("/a", "GET /a HTTP/1.1\\r\\nHost: x\\r\\nX-A: a\\x00b\\r\\nConnection: close\\r\\n\\r\\n"),
+        ("/a", "GET /a HTTP/1.1\\r\\nHost: x\\r\\nX-A: a\\x1bb\\r\\nConnection: close\\r\\n\\r\\n"),
+        ("/caf", "GET /caf\\xff HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"),
+    ];
+    let mut answered = vec![];
+    for (_, payload) in cases {
+        let reply = raw_exchange(port, payload);
+        let status: i64 = reply
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {reply:?}"));
+        answered.push(status);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let (out, _log) = agent.stop_raw();
+    let got = spans(&out);
+    let mut server: Vec<i64> = got.iter().filter(|s| s.2 == 2).map(|s| s.1).collect();
+    server.sort_unstable();
+    answered.sort_unstable();
+    assert_eq!(
+        server, answered,
+        "one SERVER span per answered request: {got:?}"
+    );
+    for (path, _) in cases {
+        assert!(
+            got.iter()
+                .any(|(name, _, _)| name.starts_with(&format!("GET {path}"))),
+            "{path}: {got:?}"
+        );
+    }
+}

@@ -5,7 +5,6 @@
 use std::{
     io::{Read, Write},
     net::TcpListener,
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -14,17 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{counter_in, free_port, python_http_server, require_root, Agent};
-
-fn curl(port: u16, path: &str) {
-    let ok = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null"])
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .status()
-        .expect("curl")
-        .success();
-    assert!(ok, "curl {path} failed");
-}
+use integration_tests::{counter_in, curl_ok, free_port, python_http_server, require_root, Agent};
 
 /// Accepts connections and never answers; stops accepting when dropped.
 struct Silent {
@@ -135,12 +124,12 @@ fn shutdown_is_bounded_when_the_collector_never_answers() {
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
         );
         for i in 0..3 {
-            curl(port, &format!("/silent{i}"));
+            curl_ok(port, &format!("/silent{i}"));
         }
         // The first export is in flight (1 s batch delay), never answered.
         thread::sleep(Duration::from_millis(2000));
         for i in 3..6 {
-            curl(port, &format!("/silent{i}"));
+            curl_ok(port, &format!("/silent{i}"));
         }
         let t0 = Instant::now();
         let (_, log) = agent.stop_raw();
@@ -170,13 +159,13 @@ fn export_failing_and_recovering_is_logged() {
         &["--port", &port.to_string()],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
     );
-    curl(port, "/down");
+    curl_ok(port, "/down");
     let log = wait_log(&agent, "OTLP export failing", Duration::from_secs(10));
     assert!(!log.contains("OTLP export recovered"), "{log}");
     answering_collector(TcpListener::bind(("127.0.0.1", collector_port)).expect("bind collector"));
     let log = wait_log(&agent, "OTLP export recovered", Duration::from_secs(15));
     assert_eq!(log.matches("OTLP export failing").count(), 1, "{log}");
-    curl(port, "/up");
+    curl_ok(port, "/up");
     thread::sleep(Duration::from_millis(1500));
     let (_, log) = agent.stop_raw();
     let exported = counter_in(&log, "agent stopped", "spans_exported");

@@ -265,6 +265,8 @@ enum HeadParse {
     Garbage,
     /// Starts like a head but is not valid: a real message we cannot read.
     Malformed,
+    /// A request header value holds a control byte (NUL, ESC, ...).
+    BadValue,
     Done(ParsedHead),
 }
 
@@ -300,6 +302,64 @@ pub(crate) fn is_sensitive(name: &[u8]) -> bool {
 }
 
 fn parse_head(buf: &[u8], side: Side) -> HeadParse {
+    match parse_head_once(buf, side) {
+        HeadParse::BadValue => {
+            // Servers skip such a line, or answer 400: a response comes either
+            // way, so the request is read with those bytes blanked (a copy,
+            // made only for such heads).
+            let blanked: Vec<u8> = buf
+                .iter()
+                .map(|&c| {
+                    if (c < 0x20 && c != b'\t' && c != b'\r' && c != b'\n') || c == 0x7f {
+                        b' '
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            match parse_head_once(&blanked, side) {
+                HeadParse::BadValue => HeadParse::Malformed,
+                other => other,
+            }
+        }
+        HeadParse::Malformed if side == Side::Req => {
+            // A request-target with bytes beyond ASCII (a non-UTF-8 path) is
+            // served by most servers; it is read percent-encoded, as a URL
+            // carries such bytes.
+            let line_end = buf.iter().position(|&c| c == b'\n').unwrap_or(buf.len());
+            let wide = buf[..line_end].iter().filter(|&&c| c >= 0x80).count();
+            if wide == 0 {
+                return HeadParse::Malformed;
+            }
+            let mut encoded = Vec::with_capacity(buf.len() + 2 * wide);
+            for &c in &buf[..line_end] {
+                if c >= 0x80 {
+                    let hex = b"0123456789ABCDEF";
+                    encoded.extend_from_slice(&[
+                        b'%',
+                        hex[usize::from(c >> 4)],
+                        hex[usize::from(c & 15)],
+                    ]);
+                } else {
+                    encoded.push(c);
+                }
+            }
+            encoded.extend_from_slice(&buf[line_end..]);
+            match parse_head(&encoded, side) {
+                HeadParse::Done(mut h) => {
+                    h.len -= 2 * wide;
+                    HeadParse::Done(h)
+                }
+                // Still incomplete: wait for more bytes of the original.
+                HeadParse::Partial => HeadParse::Partial,
+                _ => HeadParse::Malformed,
+            }
+        }
+        other => other,
+    }
+}
+
+fn parse_head_once(buf: &[u8], side: Side) -> HeadParse {
     if plausible(buf, side) == Plausible::No {
         return HeadParse::Garbage;
     }
@@ -319,8 +379,15 @@ fn parse_head(buf: &[u8], side: Side) -> HeadParse {
     let raw: &[httparse::Header<'_>] = match side {
         Side::Req => {
             let mut req = httparse::Request::new(&mut slots);
-            match req.parse(buf) {
+            // Servers skip a header line they cannot read (no colon, a NUL or
+            // a control byte in it) or answer 400 for it; either way there is
+            // a response, so the request must give a span.
+            let parsed = httparse::ParserConfig::default()
+                .ignore_invalid_headers_in_requests(true)
+                .parse_request(&mut req, buf);
+            match parsed {
                 Ok(httparse::Status::Partial) => return HeadParse::Partial,
+                Err(httparse::Error::HeaderValue) => return HeadParse::BadValue,
                 Err(_) => return HeadParse::Malformed,
                 Ok(httparse::Status::Complete(n)) => {
                     head.len = n;
@@ -1008,9 +1075,9 @@ impl Conn {
                 }
                 pos + consumed
             }
-            verdict @ (HeadParse::Garbage | HeadParse::Malformed) => {
+            verdict @ (HeadParse::Garbage | HeadParse::Malformed | HeadParse::BadValue) => {
                 ctx.c.parse_errors += 1;
-                if matches!(verdict, HeadParse::Malformed) {
+                if matches!(verdict, HeadParse::Malformed | HeadParse::BadValue) {
                     self.lose_head(side, ctx, chunk, out);
                 }
                 match find_head(&st.buf, 1, side, false) {
@@ -2015,6 +2082,28 @@ mod tests {
                 tracked: 1,
             },
             Case {
+                name: "served heads that are not RFC-clean still give spans",
+                role: Role::Server,
+                evs: vec![
+                    i("GET /nocolon HTTP/1.1\r\nHost: x\r\nthis line has no colon\r\n\r\n"),
+                    o(OK5),
+                    i("GET /nul HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n"),
+                    o("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"),
+                    i("GET /esc HTTP/1.1\r\nHost: x\r\nX-A: a\x1bb\r\n\r\n"),
+                    o(OK5),
+                    i("GET /caf\u{e9} HTTP/1.1\r\nHost: x\r\n\r\n"),
+                    o(OK5),
+                ],
+                want: vec![
+                    ("GET", "/nocolon", Some(200), 0, 5, Complete),
+                    ("GET", "/nul", Some(400), 0, 0, Complete),
+                    ("GET", "/esc", Some(200), 0, 5, Complete),
+                    ("GET", "/caf\u{e9}", Some(200), 0, 5, Complete),
+                ],
+                counters: z(),
+                tracked: 1,
+            },
+            Case {
                 name: "CL and TE together: framed by TE, and what follows is never a request",
                 role: Role::Server,
                 evs: vec![
@@ -2067,7 +2156,7 @@ mod tests {
                 name: "malformed request head keeps FIFO pairing",
                 role: Role::Client,
                 evs: vec![
-                    o("GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+                    o("GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n"),
                     i("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"),
                     o("GET /ok HTTP/1.1\r\n\r\n"),
                     i(OK5),
