@@ -3,7 +3,7 @@
 
 use std::{fs, process::Command, time::Duration};
 
-use integration_tests::{counter_in, free_port, nginx, require_root, Agent};
+use integration_tests::{counter_in, free_port, nginx, require_root, Agent, Proc};
 use serde_json::Value;
 
 /// Sends `payload` on one connection and reads until the server closes it
@@ -61,22 +61,29 @@ fn spans(out: &str) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
-#[test]
-fn a_smuggled_request_behind_content_length_and_chunked_gives_no_span() {
-    if !require_root("smuggling") {
-        return;
-    }
+/// nginx (one worker) serving the file `name` with `content`, and an agent
+/// tracing its port that prints spans as OTLP-JSON lines.
+fn nginx_traced(name: &str, content: &str) -> (tempfile::TempDir, Proc, Agent, u16) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("www");
     fs::create_dir_all(&root).unwrap();
-    fs::write(root.join("smuggled"), "never served").unwrap();
+    fs::write(root.join(name), content).unwrap();
     let port = free_port();
-    let _nginx = nginx(dir.path(), &root, port, 1);
+    let server = nginx(dir.path(), &root, port, 1);
     let agent = Agent::start_with(
         "trace",
         &["--port", &port.to_string(), "--output", "json"],
         &[],
     );
+    (dir, server, agent, port)
+}
+
+#[test]
+fn a_smuggled_request_behind_content_length_and_chunked_gives_no_span() {
+    if !require_root("smuggling") {
+        return;
+    }
+    let (_dir, _nginx, agent, port) = nginx_traced("smuggled", "never served");
     // (request bytes, what the server answers first)
     let cases = [
         // Chunked body ends at once; by Content-Length the smuggled head
@@ -122,17 +129,7 @@ fn heads_servers_answer_give_spans_though_not_rfc_clean() {
     if !require_root("unclean_heads") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("www");
-    fs::create_dir_all(&root).unwrap();
-    fs::write(root.join("a"), "hello").unwrap();
-    let port = free_port();
-    let _nginx = nginx(dir.path(), &root, port, 1);
-    let agent = Agent::start_with(
-        "trace",
-        &["--port", &port.to_string(), "--output", "json"],
-        &[],
-    );
+    let (_dir, _nginx, agent, port) = nginx_traced("a", "hello");
     // (path as the span names it, request bytes)
     let cases = [
         ("/a", "GET /a HTTP/1.1\\r\\nHost: x\\r\\nthis line has no colon\\r\\nConnection: close\\r\\n\\r\\n"),

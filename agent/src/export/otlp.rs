@@ -418,7 +418,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_deadline(&self, deadline: Instant) {
+    /// No more spans come; nothing is sent after `deadline`.
+    fn close(&self, deadline: Instant) {
         let mut guard = self.lock_state();
         guard.deadline = Some(guard.deadline.map_or(deadline, |d| d.min(deadline)));
         guard.closed = true;
@@ -656,7 +657,7 @@ impl OtlpExporter {
 
     fn stop(&mut self, deadline: Instant) {
         // Closing the queue makes the worker flush what is left and exit.
-        self.shared.set_deadline(deadline);
+        self.shared.close(deadline);
         let Some(worker) = self.worker.take() else {
             return;
         };
