@@ -3,12 +3,12 @@ use core::{ffi::c_void, ptr::addr_of};
 use agent_common::{
     Config, ConnInfo, ConnTuple, EventHeader, FdSock, KernelOffsets, MuteKey, Scratch, SyscallArgs,
     AF_INET, AF_INET6, CNT_CONN_FULL, CNT_EVENTS, CNT_MUTED, CNT_NO_ENTRY, CNT_READ_FAULT,
-    CNT_RINGBUF_FULL, CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS, DIR_INGRESS,
-    EVENT_HEADER_SIZE, FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT, FLAG_HAS_POS,
-    FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS, MAX_IOVECS,
-    MAX_IOVECS_LOOP, MUTE_NO, MUTE_UNCHECKED, MUTE_YES, NUM_COUNTERS, PEER_AGENTS_LEN, ROLE_CLIENT,
-    ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG,
-    SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
+    CNT_RINGBUF_FULL, CNT_SOCK_DIED, CNT_TRUNCATED, COMM_LEN, DEFAULT_CAPTURE, DIR_EGRESS,
+    DIR_INGRESS, EVENT_HEADER_SIZE, FILTER_COMM, FILTER_PID, FILTER_PORT, FLAG_FIN_SENT,
+    FLAG_HAS_POS, FLAG_LATE_CONN, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_CAPTURE, MAX_CPUS,
+    MAX_IOVECS, MAX_IOVECS_LOOP, MUTE_NO, MUTE_UNCHECKED, MUTE_YES, NUM_COUNTERS, PEER_AGENTS_LEN,
+    ROLE_CLIENT, ROLE_SERVER, ROLE_UNKNOWN, SYS_CLOSE, SYS_READ, SYS_READV, SYS_RECVFROM,
+    SYS_RECVMSG, SYS_SENDFILE, SYS_SENDMSG, SYS_SENDTO, SYS_TCP_CLOSE, SYS_WRITE, SYS_WRITEV,
 };
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP,
@@ -158,6 +158,7 @@ const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_FIN_WAIT1: i32 = 4;
+const TCP_CLOSE: i32 = 7;
 const TCP_LAST_ACK: i32 = 9;
 /// Bit of `enum sock_flags` in `sk_flags`: a FIN came in order (`tcp_fin`).
 const SOCK_DONE: u64 = 1 << 1;
@@ -1050,7 +1051,13 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     if cached.sock == 0 || file_of_fd(fd) != Some(cached.file) {
         return None;
     }
-    let sk = cached.sock;
+    end_conn(cached.sock, id, fd, SYS_CLOSE)
+}
+
+/// Ends `sk`'s connection record: a close record (unless the connection was
+/// muted or never gave a record), then the record goes.
+#[inline(always)]
+fn end_conn(sk: u64, pid_tgid: u64, fd: i32, syscall: u8) -> Option<()> {
     let conn = CONNS.get_ptr_mut(&sk)?;
     if unsafe { (*conn).mute } != MUTE_NO {
         // Muted, or no record was ever made for it: nothing to close.
@@ -1060,7 +1067,7 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     let scratch = SCRATCH.get_ptr_mut(unsafe { bpf_get_smp_processor_id() })?;
     let now = unsafe { bpf_ktime_get_ns() };
     let header: &mut EventHeader = unsafe { &mut (*scratch).header };
-    fill_from_conn(header, conn, sk, id, fd);
+    fill_from_conn(header, conn, sk, pid_tgid, fd);
     // A close is an egress record of length 0: `pos_end` is the end of the
     // egress stream, `peer_pos` the end of what the app read.
     header.flags = fill_pos(header, conn, sk, DIR_EGRESS, unsafe { (*conn).flags });
@@ -1070,7 +1077,7 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     header.captured = 0;
     header.kind = KIND_CLOSE;
     header.direction = DIR_EGRESS;
-    header.syscall = SYS_CLOSE;
+    header.syscall = syscall;
     let _ = CONNS.remove(&sk);
     output(scratch, 0)
 }
@@ -1093,11 +1100,13 @@ pub fn task_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
-// sock:inet_sock_set_state, on the move to ESTABLISHED: records role, 4-tuple
-// and stream bases. Runs in softirq for most connections (no process to
-// select), so it records every TCP connection; the LRU map bounds that. On
-// the move to FIN_WAIT1 or LAST_ACK (the app shut down sending: a FIN is
-// queued next) it marks the record, if any, so the FIN is not taken for data.
+// sock:inet_sock_set_state (kernel >= 4.16), on the move to ESTABLISHED:
+// records role, 4-tuple and stream bases. Runs in softirq for most
+// connections (no process to select), so it records every TCP connection;
+// the LRU map bounds that. On the move to FIN_WAIT1 or LAST_ACK (the app shut
+// down sending: a FIN is queued next) it marks the record, if any, so the FIN
+// is not taken for data. On the move to CLOSE it ends a record no close()
+// ended.
 #[tracepoint]
 pub fn sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_sock_set_state(&ctx);
@@ -1108,11 +1117,31 @@ pub fn sock_set_state(ctx: TracePointContext) -> u32 {
 fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
     // Offsets from events/sock/inet_sock_set_state/format.
     let newstate = unsafe { ctx.read_at::<i32>(20) }.ok()?;
-    if newstate != TCP_ESTABLISHED && newstate != TCP_FIN_WAIT1 && newstate != TCP_LAST_ACK {
+    if newstate != TCP_ESTABLISHED
+        && newstate != TCP_FIN_WAIT1
+        && newstate != TCP_LAST_ACK
+        && newstate != TCP_CLOSE
+    {
         return None;
     }
     if unsafe { ctx.read_at::<u16>(30) }.ok()? != IPPROTO_TCP {
         return None;
+    }
+    if newstate == TCP_CLOSE {
+        // Every TCP socket gets here once it is done (after the FINs or a
+        // reset). A record still open means no traced close() ended it: its
+        // process died with it open (exit, SIGKILL: the kernel closes the
+        // fds without a syscall), or handed the fd to a process we do not
+        // trace. Without this the connection's state would wait for the LRU
+        // here and the idle timeout in userspace, and its in-flight requests
+        // would vanish uncounted. The task is arbitrary here (often softirq):
+        // no pid, tid or fd.
+        let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
+        // One lookup per closed TCP socket on the host; most find nothing
+        // (close() removed the record).
+        CONNS.get_ptr_mut(&sk)?;
+        count(CNT_SOCK_DIED);
+        return end_conn(sk, 0, -1, SYS_TCP_CLOSE);
     }
     if newstate != TCP_ESTABLISHED {
         let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;

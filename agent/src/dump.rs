@@ -69,6 +69,7 @@ fn syscall_name(s: u8) -> &'static str {
         SYS_SENDMSG => "sendmsg",
         SYS_SENDFILE => "sendfile",
         SYS_CLOSE => "close",
+        SYS_TCP_CLOSE => "tcp_close",
         _ => "unknown",
     }
 }

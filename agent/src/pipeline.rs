@@ -16,7 +16,7 @@ use crate::{
     capture::{self, Capture, CaptureConfig, ChunkKind},
     console::TreePrinter,
     correlate::{
-        resource::{ProcessResource, Resources},
+        resource::{self, ProcessResource, Resources},
         sampling::Sampler,
         spans::SpanBuilder,
         SpanRecord,
@@ -81,6 +81,13 @@ enum Sink {
 /// A process resource and its OTLP forms: the message (JSON output) and its encoding.
 type ProtoEntry = (Arc<ProcessResource>, Arc<Resource>, Arc<OtlpResource>);
 
+/// How often resources of exited processes are looked for.
+const RESOURCE_SWEEP: Duration = Duration::from_secs(5);
+
+/// Entries before `ProtoResources` drops the ones of forgotten processes:
+/// twice what `Resources` keeps, so that a sweep frees about half.
+const MAX_PROTO_RESOURCES: usize = 2 * resource::MAX_PROCESSES;
+
 /// OTLP resources, made and encoded once per process resource (the
 /// exporter groups spans by the resource's `Arc` identity).
 #[derive(Default)]
@@ -93,11 +100,23 @@ impl ProtoResources {
             .get(&res.pid)
             .is_some_and(|(r, _, _)| Arc::ptr_eq(r, res));
         if fresh {
+            if self.0.len() >= MAX_PROTO_RESOURCES {
+                // Keep the ones `Resources` (or a span in flight) still holds:
+                // it bounds its cache, and entries of processes it forgot
+                // would otherwise stay here forever (a host that runs a
+                // process per request).
+                self.0.retain(|_, (r, _, _)| Arc::strong_count(r) > 1);
+            }
             let p = convert::resource(res);
             let e = Arc::new(OtlpResource::new(&p));
             self.0.insert(res.pid, (res.clone(), Arc::new(p), e));
         }
         &self.0[&res.pid]
+    }
+
+    /// Drops the entries of processes `Resources` forgot.
+    pub fn sweep(&mut self) {
+        self.0.retain(|_, (r, _, _)| Arc::strong_count(r) > 1);
     }
 
     /// The resource's OTLP message (for JSON output).
@@ -210,6 +229,7 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
     let mut stats = Stats::default();
     let mut last_stats = Instant::now();
     let mut last_tick = Instant::now();
+    let mut last_sweep = Instant::now();
 
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -240,6 +260,11 @@ pub fn run_trace(opts: TraceOptions, stop: Arc<AtomicBool>) -> Result<(), Pipeli
             deliver(&mut spans, &mut sink, &mut resources, &mut protos, &mut out);
             sink.tick(&mut out);
             last_tick = Instant::now();
+        }
+        if last_sweep.elapsed() >= RESOURCE_SWEEP {
+            resources.sweep();
+            protos.sweep();
+            last_sweep = Instant::now();
         }
         if opts
             .stats_every

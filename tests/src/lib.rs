@@ -177,7 +177,12 @@ impl Agent {
         let child = Command::new(agent_bin())
             .arg(subcommand)
             .args(args)
-            .args(["--stats-interval-s", "0"])
+            // Counter lines only at exit, unless the caller wants them.
+            .args(if args.contains(&"--stats-interval-s") {
+                &[][..]
+            } else {
+                &["--stats-interval-s", "0"][..]
+            })
             .env("AGENT_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -218,6 +223,11 @@ impl Agent {
 
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// What the agent wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {

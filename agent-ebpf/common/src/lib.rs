@@ -99,6 +99,11 @@ pub const SYS_RECVMSG: u8 = 7;
 pub const SYS_SENDMSG: u8 = 8;
 pub const SYS_CLOSE: u8 = 9;
 pub const SYS_SENDFILE: u8 = 10;
+/// Not a syscall: the socket reached TCP_CLOSE while its record was still
+/// open, so no traced close() ended it (the process exited or was killed with
+/// the socket open, or passed the fd on). `pid`, `tid` and `fd` are 0 and -1:
+/// the hook may run in softirq, on whatever task was current.
+pub const SYS_TCP_CLOSE: u8 = 11;
 
 // ---- chunk flags ----
 /// Fewer bytes captured than the syscall moved (cap, iovec limit or read fault).
@@ -143,7 +148,11 @@ pub const CNT_READ_FAULT: u32 = 5;
 /// Records not made because their connection is an agent's own (one end is
 /// a socket an agent on this host reads or writes).
 pub const CNT_MUTED: u32 = 6;
-pub const NUM_COUNTERS: u32 = 7;
+/// Connections ended by TCP_CLOSE rather than a traced close() (see
+/// `SYS_TCP_CLOSE`): mostly processes that exited or were killed with
+/// sockets open.
+pub const CNT_SOCK_DIED: u32 = 7;
+pub const NUM_COUNTERS: u32 = 8;
 /// Names of the counters, indexed like `COUNTERS`.
 pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "events",
@@ -153,6 +162,7 @@ pub const COUNTER_NAMES: [&str; NUM_COUNTERS as usize] = [
     "conn_full",
     "read_fault",
     "muted",
+    "sock_died",
 ];
 
 // ---- filter flags (bits of `Config::filter`) ----

@@ -8,8 +8,8 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::AttrValue;
 
-/// Processes whose resource is remembered (least recently made ones go first).
-const MAX_PROCESSES: usize = 4096;
+/// Processes whose resource is remembered (least recently used ones go first).
+pub const MAX_PROCESSES: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessResource {
@@ -59,13 +59,30 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&crate::redact::percent_decode(s.as_bytes())).into_owned()
 }
 
+/// Sweeps a process must miss (unused, and gone or replaced) before its
+/// resource is dropped: its spans can still be held for trace assembly for a
+/// few seconds after it exits.
+const IDLE_SWEEPS: u64 = 3;
+
+struct Cached {
+    res: Arc<ProcessResource>,
+    /// The kernel's name for the process when the resource was made: a pid
+    /// reused by another program shows as a different name at once.
+    comm: String,
+    /// `starttime` from /proc/PID/stat (0 if unreadable): a pid reused by the
+    /// same program shows there, at the next sweep.
+    start: u64,
+    /// Sweep generation of the last `get`.
+    seen: u64,
+}
+
 /// Builds and caches resources per pid.
 pub struct Resources {
     mappings: HashMap<String, String>,
     host_name: String,
     /// By pid: kernel-chosen keys, looked up per span, so a fast hash.
-    cache: HashMap<u32, Arc<ProcessResource>, foldhash::fast::RandomState>,
-    order: std::collections::VecDeque<u32>,
+    cache: HashMap<u32, Cached, foldhash::fast::RandomState>,
+    generation: u64,
 }
 
 impl Resources {
@@ -74,29 +91,64 @@ impl Resources {
             mappings,
             host_name: host_name(),
             cache: HashMap::default(),
-            order: Default::default(),
+            generation: 0,
         }
     }
 
     /// Resource of `pid` (named `comm` by the kernel), read from /proc once.
     pub fn get(&mut self, pid: u32, comm: &str) -> Arc<ProcessResource> {
-        if let Some(r) = self.cache.get(&pid) {
-            return r.clone();
+        let generation = self.generation;
+        if let Some(c) = self.cache.get_mut(&pid) {
+            if c.comm == comm {
+                c.seen = generation;
+                return c.res.clone();
+            }
         }
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| comm.to_string());
-        let r = Arc::new(self.build(pid, comm, &exe, &environ));
-        self.cache.insert(pid, r.clone());
-        self.order.push_back(pid);
-        while self.order.len() > MAX_PROCESSES {
-            if let Some(old) = self.order.pop_front() {
-                self.cache.remove(&old);
+        let res = Arc::new(self.build(pid, comm, &exe, &environ));
+        if self.cache.len() >= MAX_PROCESSES && !self.cache.contains_key(&pid) {
+            self.sweep();
+            if self.cache.len() >= MAX_PROCESSES {
+                // All alive or recently used: drop the least recently used
+                // quarter (one scan per MAX_PROCESSES / 4 new processes).
+                let mut seen: Vec<u64> = self.cache.values().map(|c| c.seen).collect();
+                let cut = seen.len() / 4;
+                let (_, &mut oldest_kept, _) = seen.select_nth_unstable(cut);
+                self.cache.retain(|_, c| c.seen >= oldest_kept);
             }
         }
-        r
+        let cached = Cached {
+            res: res.clone(),
+            comm: comm.to_string(),
+            start: process_start(pid).unwrap_or(0),
+            seen: generation,
+        };
+        self.cache.insert(pid, cached);
+        res
+    }
+
+    /// Drops the resources of processes that are gone (or whose pid now
+    /// names another process) and were not used for `IDLE_SWEEPS` sweeps.
+    /// Call every few seconds: it reads /proc/PID/stat of idle entries only.
+    pub fn sweep(&mut self) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.cache.retain(|&pid, c| {
+            generation < c.seen + IDLE_SWEEPS || process_start(pid).is_some_and(|s| s == c.start)
+        });
+    }
+
+    /// Processes whose resource is cached.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
     }
 
     fn build(&self, pid: u32, comm: &str, exe: &str, environ: &[u8]) -> ProcessResource {
@@ -127,6 +179,17 @@ impl Resources {
             pid,
         }
     }
+}
+
+/// `starttime` of `pid` (field 22 of /proc/PID/stat, clock ticks since
+/// boot): with the pid, it names one process for the host's uptime.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) is in parentheses and may hold anything, `)` too.
+    let after = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(stat.get(after + 1..)?).ok()?;
+    // Fields 3.. follow: starttime is the 20th of them.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 fn host_name() -> String {
@@ -204,6 +267,36 @@ mod tests {
                 Err(MappingError::Syntax(bad.into()))
             );
         }
+    }
+
+    /// Resources of processes that exited go at the sweeps after their last
+    /// use, those of live ones stay; a pid taken by another program gets a
+    /// new resource at once.
+    #[test]
+    fn resources_of_exited_processes_are_dropped() {
+        let mut r = Resources::new(HashMap::new());
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let gone = child.id();
+        let a = r.get(me, "agent-test");
+        r.get(gone, "sleep");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(process_start(gone).is_none());
+        for sweep in 0..IDLE_SWEEPS {
+            assert_eq!(r.len(), 2, "kept while recently used (sweep {sweep})");
+            r.sweep();
+        }
+        assert_eq!(r.len(), 1, "the exited process's resource is dropped");
+        assert!(Arc::ptr_eq(&a, &r.get(me, "agent-test")), "live one kept");
+        let b = r.get(me, "other-name");
+        assert!(
+            !Arc::ptr_eq(&a, &b),
+            "another program under the pid: rebuilt"
+        );
     }
 
     #[test]
