@@ -465,7 +465,8 @@ fn conn_of(sk: u64, direction: u8, ret: u64) -> Option<*mut ConnInfo> {
         role: ROLE_UNKNOWN,
         flags,
         mute: MUTE_UNCHECKED,
-        _pad: [0; 5],
+        _pad: 0,
+        tgid: 0,
         comm: [0; COMM_LEN],
     };
     if CONNS.insert(&sk, &info, 0).is_err() {
@@ -764,6 +765,7 @@ fn fill_from_conn(header: &mut EventHeader, conn: *mut ConnInfo, sk: u64, pid_tg
     unsafe {
         if (*conn).comm[0] == 0 {
             (*conn).comm = process_comm();
+            (*conn).tgid = (pid_tgid >> 32) as u32;
         }
         header.comm = (*conn).comm;
         header.seq = (*conn).seq;
@@ -1135,13 +1137,13 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         // trace. Without this the connection's state would wait for the LRU
         // here and the idle timeout in userspace, and its in-flight requests
         // would vanish uncounted. The task is arbitrary here (often softirq):
-        // no pid, tid or fd.
+        // the record names the connection's owner, no thread and no fd.
         let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
         // One lookup per closed TCP socket on the host; most find nothing
         // (close() removed the record).
-        CONNS.get_ptr_mut(&sk)?;
+        let owner = unsafe { (*CONNS.get_ptr_mut(&sk)?).tgid };
         count(CNT_SOCK_DIED);
-        return end_conn(sk, 0, -1, SYS_TCP_CLOSE);
+        return end_conn(sk, u64::from(owner) << 32, -1, SYS_TCP_CLOSE);
     }
     if newstate != TCP_ESTABLISHED {
         let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
@@ -1187,7 +1189,8 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         role,
         flags,
         mute: MUTE_UNCHECKED,
-        _pad: [0; 5],
+        _pad: 0,
+        tgid: 0,
         comm: [0; COMM_LEN],
     };
     // A new connection may reuse a freed sock's memory: overwrite.

@@ -101,8 +101,9 @@ pub const SYS_CLOSE: u8 = 9;
 pub const SYS_SENDFILE: u8 = 10;
 /// Not a syscall: the socket reached TCP_CLOSE while its record was still
 /// open, so no traced close() ended it (the process exited or was killed with
-/// the socket open, or passed the fd on). `pid`, `tid` and `fd` are 0 and -1:
-/// the hook may run in softirq, on whatever task was current.
+/// the socket open, or passed the fd on). `pid` is the process of the
+/// connection's first record, `tid` 0 and `fd` -1: the hook may run in
+/// softirq, on whatever task was current.
 pub const SYS_TCP_CLOSE: u8 = 11;
 
 // ---- chunk flags ----
@@ -309,7 +310,10 @@ pub struct ConnInfo {
     pub flags: u8,
     /// `MUTE_*`: whether the connection was checked against `MUTED`, and found.
     pub mute: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Process of the first captured syscall (filled with `comm`): the owner
+    /// a close made at TCP_CLOSE names, since that hook has no process.
+    pub tgid: u32,
     /// Process name, filled at the first captured syscall (the record is often
     /// made in softirq, where there is no process): saves two kernel reads per
     /// event afterwards.
