@@ -162,6 +162,9 @@ const TCP_CLOSE: i32 = 7;
 const TCP_LAST_ACK: i32 = 9;
 /// Bit of `enum sock_flags` in `sk_flags`: a FIN came in order (`tcp_fin`).
 const SOCK_DONE: u64 = 1 << 1;
+/// Bit of `enum sock_flags`: no file refers to the sock any more
+/// (`sock_orphan`, at the last fd's release).
+const SOCK_DEAD: u64 = 1;
 /// Offset of the first syscall argument in a `sys_enter_*` record, and of
 /// `ret` in a `sys_exit_*` record (see the tracepoints' `format` files).
 const ARG0: usize = 16;
@@ -1141,6 +1144,15 @@ fn try_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         let sk = unsafe { ctx.read_at::<u64>(8) }.ok()?;
         // One lookup per closed TCP socket on the host; most find nothing
         // (close() removed the record).
+        CONNS.get_ptr_mut(&sk)?;
+        // Only orphans: a reset (or the FINs after a shutdown()) also closes
+        // a socket whose owner still holds the fd and may still read what is
+        // queued or be inside a call on it; its close() ends the record,
+        // after its last data. A socket its process died with has no fd left.
+        let sk_flags = read_kernel::<u64>(sk + cfg!(offsets.skc_flags) as u64)?;
+        if sk_flags & SOCK_DEAD == 0 {
+            return None;
+        }
         let owner = unsafe { (*CONNS.get_ptr_mut(&sk)?).tgid };
         count(CNT_SOCK_DIED);
         return end_conn(sk, u64::from(owner) << 32, -1, SYS_TCP_CLOSE);
